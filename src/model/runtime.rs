@@ -47,14 +47,9 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> 
     }
     let candidates = [
         PathBuf::from(".tools/onnxruntime").join(ORT_LIBRARY_NAME),
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(".tools/onnxruntime")
-            .join(ORT_LIBRARY_NAME),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/onnxruntime").join(ORT_LIBRARY_NAME),
     ];
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or(RuntimeError::LibraryNotFound)
+    candidates.into_iter().find(|p| p.is_file()).ok_or(RuntimeError::LibraryNotFound)
 }
 
 /// Loads the library once and returns the shared environment.
@@ -62,10 +57,7 @@ pub fn environment(library: &Path) -> Result<&'static Environment, RuntimeError>
     if let Some((loaded, env)) = ENVIRONMENT.get() {
         return check_same(loaded, library).map(|()| env);
     }
-    let load = |source| RuntimeError::Load {
-        path: library.to_path_buf(),
-        source,
-    };
+    let load = |source| RuntimeError::Load { path: library.to_path_buf(), source };
     let env = ort::init_from(library)
         .map_err(|e| load(ort::Error::new(e.to_string())))?
         .with_name("mindstream")
@@ -79,10 +71,7 @@ fn check_same(loaded: &Path, requested: &Path) -> Result<(), RuntimeError> {
     if loaded == requested {
         return Ok(());
     }
-    Err(RuntimeError::AlreadyLoaded {
-        loaded: loaded.into(),
-        requested: requested.into(),
-    })
+    Err(RuntimeError::AlreadyLoaded { loaded: loaded.into(), requested: requested.into() })
 }
 
 /// A CPU session over an ONNX file with `intra_threads` threads for each operator.
@@ -91,10 +80,7 @@ pub fn cpu_session(
     model: &Path,
     intra_threads: usize,
 ) -> Result<Session, RuntimeError> {
-    let fail = |source: ort::Error| RuntimeError::Session {
-        path: model.to_path_buf(),
-        source,
-    };
+    let fail = |source: ort::Error| RuntimeError::Session { path: model.to_path_buf(), source };
     Session::builder(env)
         .map_err(fail)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
