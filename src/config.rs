@@ -21,9 +21,12 @@ pub const ENV_PREFIX: &str = "MINDSTREAM__";
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
     pub kafka: KafkaConfig,
-    /// The input topics; at least one.
+    /// The input topics; `mindstream run` needs at least one.
+    #[serde(default)]
     pub inputs: Vec<InputConfig>,
+    #[serde(default)]
     pub output: OutputConfig,
     #[serde(default)]
     pub window: WindowConfig,
@@ -39,12 +42,37 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
 }
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest the processor spends finishing in-flight work and committing on SIGTERM or
+    /// SIGINT; must be shorter than the consumer's `session.timeout.ms`.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { drain_timeout: default_drain_timeout() }
+    }
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+
+/// librdkafka's default `session.timeout.ms`.
+const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port...]`.
+    #[serde(default = "default_brokers")]
     pub brokers: String,
     /// Consumer group of the processor instances.
     #[serde(default = "default_group")]
@@ -75,11 +103,13 @@ pub struct InputConfig {
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Topic of signal records, keyed by the pseudonymised user key.
+    #[serde(default = "default_signals_topic")]
     pub signals_topic: String,
     /// `json` or `protobuf`.
     #[serde(default = "default_output_format")]
     pub format: Format,
     /// Dead-letter topic for rejected input records.
+    #[serde(default = "default_dlq_topic")]
     pub dlq_topic: String,
 }
 
@@ -121,6 +151,9 @@ pub struct ScoringConfig {
     /// How many contributing events each score names.
     #[serde(default = "default_explain_top")]
     pub explain_top: usize,
+    /// Model worker threads, each with its own session.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -199,6 +232,15 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_signals_topic() -> String {
+    "mindstream-signals".into()
+}
+fn default_dlq_topic() -> String {
+    "mindstream-dlq".into()
+}
 fn default_group() -> String {
     "mindstream".into()
 }
@@ -232,6 +274,9 @@ fn default_explain_candidates() -> usize {
 fn default_explain_top() -> usize {
     3
 }
+fn default_workers() -> usize {
+    1
+}
 fn default_model_dir() -> PathBuf {
     PathBuf::from("models")
 }
@@ -260,6 +305,29 @@ fn default_log_filter() -> String {
     "info".into()
 }
 
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: default_brokers(),
+            group_id: default_group(),
+            client: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            commit_interval: default_commit_interval(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            signals_topic: default_signals_topic(),
+            format: default_output_format(),
+            dlq_topic: default_dlq_topic(),
+        }
+    }
+}
+
 impl Default for WindowConfig {
     fn default() -> Self {
         WindowConfig {
@@ -280,6 +348,7 @@ impl Default for ScoringConfig {
             queue_capacity: default_queue_capacity(),
             explain_candidates: default_explain_candidates(),
             explain_top: default_explain_top(),
+            workers: default_workers(),
         }
     }
 }
@@ -379,9 +448,6 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return Err(("kafka.brokers", "must name at least one broker".into()));
         }
-        if self.inputs.is_empty() {
-            return Err(("inputs", "at least one input topic is required".into()));
-        }
         for (i, input) in self.inputs.iter().enumerate() {
             if input.topic.is_empty() {
                 return Err(("inputs.topic", format!("input {i} has an empty topic")));
@@ -412,6 +478,9 @@ impl Config {
         if self.scoring.queue_capacity == 0 {
             return Err(("scoring.queue_capacity", "must be at least 1".into()));
         }
+        if self.scoring.workers == 0 {
+            return Err(("scoring.workers", "must be at least 1".into()));
+        }
         if self.model.intra_threads == 0 {
             return Err(("model.intra_threads", "must be at least 1".into()));
         }
@@ -421,8 +490,38 @@ impl Config {
         if self.interests.tracked < self.interests.top_k {
             return Err(("interests.tracked", "must be at least interests.top_k".into()));
         }
+        self.validate_drain_timeout()?;
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", err.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The extra rule of `mindstream run`: at least one input topic.
+    pub fn check_runnable(&self) -> Result<(), ConfigError> {
+        if self.inputs.is_empty() {
+            return Err(ConfigError::Key {
+                key: "inputs".into(),
+                origin: String::new(),
+                message: "at least one input topic is required to run".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn validate_drain_timeout(&self) -> Result<(), (&'static str, String)> {
+        let key = "session.timeout.ms";
+        let session_ms = match self.kafka.consumer.get(key).or(self.kafka.client.get(key)) {
+            None => DEFAULT_SESSION_TIMEOUT_MS,
+            Some(value) => value.parse().map_err(|_| {
+                ("kafka.consumer.session.timeout.ms", format!("`{value}` is not a number"))
+            })?,
+        };
+        if self.shutdown.drain_timeout.as_millis() >= u128::from(session_ms) {
+            return Err((
+                "shutdown.drain_timeout",
+                format!("must be shorter than the consumer session timeout ({session_ms} ms)"),
+            ));
         }
         Ok(())
     }
@@ -578,6 +677,15 @@ mod tests {
         let printed = config.redacted();
         assert!(!printed.contains("hunter2"));
         assert!(printed.contains("sasl.password"));
+    }
+
+    #[test]
+    fn drain_timeout_must_undercut_the_session_timeout() {
+        let env = [("MINDSTREAM__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")];
+        let err = load(MINIMAL, &env).unwrap_err();
+        assert!(err.to_string().contains("shutdown.drain_timeout"), "{err}");
+        let env = [env[0], ("MINDSTREAM__SHUTDOWN__DRAIN_TIMEOUT", "5s")];
+        assert!(load(MINIMAL, &env).is_ok());
     }
 
     #[test]

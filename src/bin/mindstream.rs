@@ -1,1 +1,240 @@
-fn main() {}
+//! `mindstream`: the stream processor and its operational subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mindstream::cli::{self, EXIT_FAILURE, EXIT_USAGE};
+use mindstream::config::Config;
+use mindstream::event::Format;
+use mindstream::http::Health;
+use mindstream::model::LoadedModel;
+use mindstream::ops::{replay, summary, topics};
+use mindstream::pipeline::{self, RunOptions};
+use mindstream::privacy::Pseudonymizer;
+
+#[derive(Parser)]
+#[command(name = "mindstream", version, about = "Shopping-psychology signals from event streams")]
+struct Args {
+    /// Configuration file (TOML); `MINDSTREAM__*` variables override it.
+    #[arg(long, short, global = true, env = "MINDSTREAM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the processor: consume the input topics, publish signals.
+    Run {
+        /// Stop once every assigned partition is read to its end and all signals are delivered.
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// Score an event file (JSON lines) without Kafka; one record per user.
+    Score {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Write rejected lines' numbers and reasons here (JSON lines).
+        #[arg(long)]
+        rejects: Option<PathBuf>,
+    },
+    /// Produce an event file (JSON lines) into a topic at a chosen rate.
+    Replay {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value = "json")]
+        format: Format,
+        /// Records per second; 0 is as fast as the broker takes them.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+    },
+    /// Create the input, signal and DLQ topics of the configuration.
+    Topics {
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+    },
+    /// Read the signal topic to its end and summarise each user's latest record.
+    Summary {
+        /// Users to show as examples.
+        #[arg(long, default_value_t = 4)]
+        examples: usize,
+        /// Fail unless at least this many users were scored.
+        #[arg(long, default_value_t = 0)]
+        min_users: usize,
+        /// Write each user's latest record here (JSON lines, sorted by user key).
+        #[arg(long)]
+        latest_out: Option<PathBuf>,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Print the effective configuration (secrets redacted) and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match cli::load_config(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => return cli::report(&err, EXIT_USAGE),
+    };
+    cli::init_logging(&config);
+    match args.command {
+        Command::Run { until_caught_up } => run(config, RunOptions { until_caught_up }),
+        Command::Score { input, output, rejects } => score(&config, &input, &output, rejects),
+        Command::Replay { input, topic, format, rate } => {
+            let client = mindstream::sink::producer_config(&config);
+            let replay =
+                replay::Replay { client: &client, input: &input, topic: &topic, format, rate };
+            match replay.run() {
+                Ok(stats) => {
+                    let rate = stats.sent as f64 / stats.seconds.max(1e-9);
+                    tracing::info!(
+                        sent = stats.sent,
+                        skipped = stats.skipped,
+                        seconds = stats.seconds,
+                        rate,
+                        topic,
+                        "replay finished"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => cli::report(&err, EXIT_FAILURE),
+            }
+        }
+        Command::Topics { partitions, replication } => {
+            let runtime = runtime();
+            match runtime.block_on(topics::create(&config, partitions, replication)) {
+                Ok(created) => {
+                    for (topic, new) in created {
+                        println!("{topic}: {}", if new { "created" } else { "exists" });
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => cli::report(&err, EXIT_FAILURE),
+            }
+        }
+        Command::Summary { examples, min_users, latest_out, timeout } => {
+            summarise(&config, examples, min_users, latest_out, timeout)
+        }
+        Command::CheckConfig => {
+            print!("{}", config.redacted());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts unless the process is out of resources")
+}
+
+fn load_model_and_key(config: &Config) -> Result<(LoadedModel, Pseudonymizer), ExitCode> {
+    let key =
+        Pseudonymizer::from_config(&config.privacy).map_err(|e| cli::report(&e, EXIT_USAGE))?;
+    let model = LoadedModel::load(&config.model, config.scoring.workers)
+        .map_err(|e| cli::report(&e, EXIT_FAILURE))?;
+    Ok((model, key))
+}
+
+fn run(config: Config, options: RunOptions) -> ExitCode {
+    if let Err(err) = config.check_runnable() {
+        return cli::report(&err, EXIT_USAGE);
+    }
+    tracing::info!(config = %config.redacted(), "starting");
+    let runtime = runtime();
+    let metrics = match mindstream::metrics::install() {
+        Ok(handle) => handle,
+        Err(err) => return cli::report(&err, EXIT_FAILURE),
+    };
+    metrics::gauge!(mindstream::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+    let (model, key) = match load_model_and_key(&config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    tracing::info!(model_version = %model.card.model_version, provider = model.provider,
+        signals = model.card.signals.len(), "model loaded");
+    let labels = [
+        ("model_version", model.card.model_version.clone()),
+        ("execution_provider", model.provider.to_owned()),
+    ];
+    metrics::gauge!(mindstream::metrics::MODEL_INFO, &labels).set(1.0);
+
+    let health = Arc::new(Health::default());
+    let result = runtime.block_on(async {
+        if let Some(listen) = config.http.listen {
+            if let Err(err) = mindstream::http::serve(listen, metrics, health.clone()).await {
+                return Err(cli::report(&err, EXIT_FAILURE));
+            }
+        }
+        pipeline::run(config, model, key, health, options)
+            .await
+            .map_err(|err| cli::report(&err, EXIT_FAILURE))
+    });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+fn score(config: &Config, input: &PathBuf, output: &PathBuf, rejects: Option<PathBuf>) -> ExitCode {
+    let (model, key) = match load_model_and_key(config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    match mindstream::offline::score_file(config, model, key, input, output, rejects.as_deref()) {
+        Ok(stats) => {
+            tracing::info!(lines = stats.lines, accepted = stats.accepted,
+                rejected = ?stats.rejected, opted_out = stats.opted_out, users = stats.users,
+                records = stats.records, "scored");
+            ExitCode::SUCCESS
+        }
+        Err(err) => cli::report(&err, EXIT_FAILURE),
+    }
+}
+
+fn summarise(
+    config: &Config,
+    examples: usize,
+    min_users: usize,
+    latest_out: Option<PathBuf>,
+    timeout: Duration,
+) -> ExitCode {
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (key, value) in config.kafka.client.iter().chain(&config.kafka.consumer) {
+        client.set(key, value);
+    }
+    let topic = &config.output.signals_topic;
+    let back = match summary::read_latest(&client, topic, config.output.format, timeout) {
+        Ok(back) => back,
+        Err(err) => return cli::report(&err, EXIT_FAILURE),
+    };
+    print!("{}", summary::render(&back, topic, config.output.format, examples));
+    if let Some(path) = latest_out {
+        let lines: String = back
+            .latest
+            .values()
+            .map(|r| serde_json::to_string(r).map(|s| s + "\n").unwrap_or_default())
+            .collect();
+        if let Err(err) = std::fs::write(&path, lines) {
+            return cli::report(&err, EXIT_FAILURE);
+        }
+    }
+    if back.latest.len() < min_users {
+        eprintln!("error: {} users scored, fewer than --min-users {min_users}", back.latest.len());
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    ExitCode::SUCCESS
+}

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Action, Event, EventBody};
 use crate::privacy::scrub;
 
+pub mod store;
+
 /// The window shape a model was trained with; part of the model card.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowSpec {

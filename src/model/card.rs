@@ -1,0 +1,233 @@
+//! The model card (`model.json`): what the model outputs, how its inputs must be built, what
+//! it was trained on and how well it does. The processor reads the first half; people and the
+//! training binary's report read the rest.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::window::{WindowEvent, WindowSpec};
+
+/// Version of the card format this build reads and writes.
+pub const CARD_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub card_version: u32,
+    /// Identifies the model in every signal record.
+    pub model_version: String,
+    pub description: String,
+    /// ONNX file inside the model folder and its SHA-256, checked at load.
+    pub onnx_file: String,
+    pub onnx_sha256: String,
+    /// Tokenizer file inside the model folder.
+    pub tokenizer_file: String,
+    /// Text format the model was trained on ([`crate::render::RENDER_VERSION`]).
+    pub render_version: u32,
+    /// Longest token sequence the model takes.
+    pub max_tokens: usize,
+    /// Window shape used in training; the processor's default.
+    pub window: WindowSpec,
+    /// Outputs of the heads, in column order of the `scores` output.
+    pub signals: Vec<SignalSpec>,
+    /// Signals derived by rule from the model's outputs and the window.
+    #[serde(default)]
+    pub derived: Vec<SignalSpec>,
+    /// Head weights for graphs that output only `last_hidden_state`.
+    #[serde(default)]
+    pub heads: Option<HeadWeights>,
+    pub backbone: Backbone,
+    #[serde(default)]
+    pub training: Option<Training>,
+    #[serde(default)]
+    pub evaluation: Vec<Evaluation>,
+}
+
+/// One signal: its name, what it means, where its labels come from and when it applies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignalSpec {
+    pub name: String,
+    pub meaning: String,
+    pub label_source: String,
+    pub status: Status,
+    pub applies_when: AppliesWhen,
+    /// Label horizon, such as `30m` or `90d`, when the label looks ahead.
+    #[serde(default)]
+    pub horizon: Option<String>,
+    /// Data sets the head learned from.
+    #[serde(default)]
+    pub trained_on: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Stable,
+    Experimental,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Stable => "stable",
+            Status::Experimental => "experimental",
+        }
+    }
+}
+
+/// The windows a signal is defined for; outside them the signal is left out of the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppliesWhen {
+    Always,
+    /// The window holds a cart event.
+    HasCart,
+    /// The window holds a review.
+    HasReview,
+    /// The window holds a priced or discounted click or a sort-by-price search.
+    HasPrice,
+    /// The window holds a review of an item bought earlier in the window.
+    ReviewOfBoughtItem,
+}
+
+impl AppliesWhen {
+    /// Whether the signal applies to a window with these events (oldest first).
+    pub fn holds<'a>(self, events: impl IntoIterator<Item = &'a WindowEvent>) -> bool {
+        let mut events = events.into_iter();
+        match self {
+            AppliesWhen::Always => true,
+            AppliesWhen::HasCart => events.any(WindowEvent::is_cart),
+            AppliesWhen::HasReview => events.any(WindowEvent::is_review),
+            AppliesWhen::HasPrice => events.any(WindowEvent::is_priced),
+            AppliesWhen::ReviewOfBoughtItem => {
+                let mut bought: Vec<&str> = Vec::new();
+                for event in events {
+                    if event.is_buy() {
+                        bought.push(&event.item_id);
+                    } else if event.is_review() && bought.contains(&&*event.item_id) {
+                        return true;
+                    }
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Linear heads over the pooled hidden state (see [`crate::model::heads`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadWeights {
+    /// `[signals][2 * n_embd]`.
+    pub weight: Vec<Vec<f32>>,
+    pub bias: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Backbone {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub parameters: usize,
+}
+
+/// How the model was made.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Training {
+    /// The command that produced this model.
+    pub command: String,
+    pub data: Vec<DataSet>,
+    /// Free-form facts about the run (steps, tokens, losses, seconds).
+    #[serde(default)]
+    pub facts: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataSet {
+    pub name: String,
+    pub source: String,
+    pub rows: usize,
+    pub terms: String,
+}
+
+/// One evaluation figure with its baseline, computed on the same examples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub signal: String,
+    pub dataset: String,
+    pub split: String,
+    pub examples: usize,
+    pub positives: usize,
+    pub auc: f64,
+    pub baseline: String,
+    pub baseline_auc: f64,
+}
+
+/// The card could not be read or does not fit this build.
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("cannot read model card {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model card {path} is not valid")]
+    Parse {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("model card {path}: {message}")]
+    Unsupported { path: std::path::PathBuf, message: String },
+}
+
+impl ModelCard {
+    pub fn load(path: &Path) -> Result<ModelCard, CardError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CardError::Read { path: path.into(), source })?;
+        let card: ModelCard = serde_json::from_str(&text)
+            .map_err(|source| CardError::Parse { path: path.into(), source })?;
+        let unsupported = |message: String| CardError::Unsupported { path: path.into(), message };
+        if card.card_version != CARD_VERSION {
+            return Err(unsupported(format!(
+                "card_version {} (this build reads {CARD_VERSION})",
+                card.card_version
+            )));
+        }
+        if card.render_version != crate::render::RENDER_VERSION {
+            return Err(unsupported(format!(
+                "trained on render version {}, this build renders version {}",
+                card.render_version,
+                crate::render::RENDER_VERSION
+            )));
+        }
+        if let Some(heads) = &card.heads {
+            let width = 2 * card.backbone.n_embd;
+            if heads.weight.len() != card.signals.len()
+                || heads.bias.len() != card.signals.len()
+                || heads.weight.iter().any(|row| row.len() != width)
+            {
+                return Err(unsupported(format!(
+                    "heads must be {} x {width} with {} biases",
+                    card.signals.len(),
+                    card.signals.len()
+                )));
+            }
+        }
+        Ok(card)
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let mut text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        text.push('\n');
+        std::fs::write(path, text)
+    }
+
+    /// Index of a head signal by name.
+    pub fn signal_index(&self, name: &str) -> Option<usize> {
+        self.signals.iter().position(|s| s.name == name)
+    }
+}

@@ -1,0 +1,234 @@
+//! The model behind a small trait: token sequences in, one score per signal out.
+//!
+//! [`OrtScorer`] runs the ONNX graph through ONNX Runtime and follows the model contract:
+//! inputs `input_ids` and `attention_mask` (int64, `[batch, seq]`, padding on the right), plus
+//! `position_ids` when the graph asks for it (`cumsum(mask) - 1`, as Hugging Face exports
+//! expect); output `scores` (`[batch, signals]`) when the heads are in the graph, else
+//! `last_hidden_state` with the card's head weights applied by [`crate::model::heads`].
+
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use ort::value::Tensor;
+use sha2::{Digest, Sha256};
+
+use crate::config::{ExecutionProvider, ModelConfig};
+use crate::model::card::{HeadWeights, ModelCard};
+use crate::model::{heads, runtime};
+
+/// Turns token sequences into scores. One instance per worker thread (`Session::run` needs
+/// exclusive access).
+pub trait Scorer: Send {
+    /// Number of scores per sequence.
+    fn outputs(&self) -> usize;
+
+    /// Scores each sequence; returns `[sequences.len(), outputs()]` row-major.
+    fn score(&mut self, sequences: &[&[u32]]) -> Result<Vec<f32>, ModelError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} has SHA-256 {actual}, the model card says {expected}")]
+    Checksum { path: PathBuf, expected: String, actual: String },
+    #[error("model graph: {0}")]
+    Contract(String),
+    #[error("execution provider {provider}: {message}")]
+    Provider { provider: &'static str, message: String },
+    #[error("inference failed")]
+    Run(#[source] ort::Error),
+}
+
+/// What the graph hands back.
+enum Output {
+    /// `scores [batch, signals]`, sigmoid applied in the graph.
+    Scores,
+    /// `last_hidden_state [batch, seq, n_embd]`; heads applied here.
+    Hidden { heads: HeadWeights, n_embd: usize },
+}
+
+pub struct OrtScorer {
+    session: Session,
+    needs_position_ids: bool,
+    output: Output,
+    signals: usize,
+    /// The execution provider actually in use.
+    provider: &'static str,
+}
+
+impl OrtScorer {
+    /// Loads `card.onnx_file` from `dir`, checking its SHA-256 against the card.
+    pub fn load(dir: &Path, card: &ModelCard, config: &ModelConfig) -> Result<Self, ModelError> {
+        let path = dir.join(&card.onnx_file);
+        verify_checksum(&path, &card.onnx_sha256)?;
+        let library = runtime::locate_library(config.ort_library.as_deref())?;
+        let env = runtime::environment(&library)?;
+        let (session, provider) = build_session(env, &path, config)?;
+        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        for required in ["input_ids", "attention_mask"] {
+            if !names.contains(&required) {
+                return Err(ModelError::Contract(format!("no `{required}` input (has {names:?})")));
+            }
+        }
+        if let Some(extra) =
+            names.iter().find(|n| !matches!(**n, "input_ids" | "attention_mask" | "position_ids"))
+        {
+            return Err(ModelError::Contract(format!("unsupported input `{extra}`")));
+        }
+        let needs_position_ids = names.contains(&"position_ids");
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        let output = if outputs.contains(&"scores") {
+            Output::Scores
+        } else if outputs.contains(&"last_hidden_state") {
+            let heads = card.heads.clone().ok_or_else(|| {
+                ModelError::Contract("graph has no `scores` and the card no head weights".into())
+            })?;
+            Output::Hidden { heads, n_embd: card.backbone.n_embd }
+        } else {
+            return Err(ModelError::Contract(format!(
+                "no `scores` or `last_hidden_state` output (has {outputs:?})"
+            )));
+        };
+        Ok(OrtScorer { session, needs_position_ids, output, signals: card.signals.len(), provider })
+    }
+
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+}
+
+fn verify_checksum(path: &Path, expected: &str) -> Result<(), ModelError> {
+    let bytes =
+        std::fs::read(path).map_err(|source| ModelError::Read { path: path.into(), source })?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != expected {
+        return Err(ModelError::Checksum { path: path.into(), expected: expected.into(), actual });
+    }
+    Ok(())
+}
+
+fn build_session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    config: &ModelConfig,
+) -> Result<(Session, &'static str), ModelError> {
+    match config.execution_provider {
+        ExecutionProvider::Cpu => {
+            Ok((runtime::cpu_session(env, path, config.intra_threads)?, "cpu"))
+        }
+        ExecutionProvider::Cuda => match cuda_session(env, path, config) {
+            Ok(session) => Ok((session, "cuda")),
+            Err(err) if config.allow_cpu_fallback => {
+                tracing::warn!(cause = %err, "cuda unavailable, running on the cpu as configured");
+                Ok((runtime::cpu_session(env, path, config.intra_threads)?, "cpu"))
+            }
+            Err(err) => Err(err),
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    config: &ModelConfig,
+) -> Result<Session, ModelError> {
+    let provider =
+        |e: ort::Error| ModelError::Provider { provider: "cuda", message: e.to_string() };
+    let cuda = ort::ep::CUDA::default().build().error_on_failure();
+    Session::builder(env)
+        .map_err(provider)?
+        .with_intra_threads(config.intra_threads)
+        .map_err(|e| provider(e.into()))?
+        .with_execution_providers([cuda])
+        .map_err(|e| provider(e.into()))?
+        .commit_from_file(path)
+        .map_err(provider)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_session(
+    _env: &ort::environment::Environment,
+    _path: &Path,
+    _config: &ModelConfig,
+) -> Result<Session, ModelError> {
+    Err(ModelError::Provider {
+        provider: "cuda",
+        message: "this build has no CUDA support (build with --features cuda)".into(),
+    })
+}
+
+/// Right-padded `input_ids`, `attention_mask` and `position_ids` for a batch.
+pub fn pad_batch(sequences: &[&[u32]]) -> (usize, Vec<i64>, Vec<i64>, Vec<i64>) {
+    let seq = sequences.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+    let mut ids = vec![0i64; sequences.len() * seq];
+    let mut mask = vec![0i64; sequences.len() * seq];
+    let mut positions = vec![0i64; sequences.len() * seq];
+    for (row, tokens) in sequences.iter().enumerate() {
+        for (t, &token) in tokens.iter().enumerate() {
+            ids[row * seq + t] = i64::from(token);
+            mask[row * seq + t] = 1;
+            positions[row * seq + t] = t as i64;
+        }
+    }
+    (seq, ids, mask, positions)
+}
+
+impl Scorer for OrtScorer {
+    fn outputs(&self) -> usize {
+        self.signals
+    }
+
+    fn score(&mut self, sequences: &[&[u32]]) -> Result<Vec<f32>, ModelError> {
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = sequences.len();
+        let (seq, ids, mask, positions) = pad_batch(sequences);
+        let shape = vec![batch as i64, seq as i64];
+        let tensor =
+            |data: Vec<i64>| Tensor::from_array((shape.clone(), data)).map_err(ModelError::Run);
+        let mut inputs = ort::inputs![
+            "input_ids" => tensor(ids)?,
+            "attention_mask" => tensor(mask.clone())?,
+        ];
+        if self.needs_position_ids {
+            inputs.push(("position_ids".into(), tensor(positions)?.into()));
+        }
+        let outputs = self.session.run(inputs).map_err(ModelError::Run)?;
+        match &self.output {
+            Output::Scores => {
+                let (_, scores) =
+                    outputs["scores"].try_extract_tensor::<f32>().map_err(ModelError::Run)?;
+                if scores.len() != batch * self.signals {
+                    return Err(ModelError::Contract(format!(
+                        "`scores` has {} values, expected {batch} x {}",
+                        scores.len(),
+                        self.signals
+                    )));
+                }
+                Ok(scores.to_vec())
+            }
+            Output::Hidden { heads: weights, n_embd } => {
+                let (_, hidden) = outputs["last_hidden_state"]
+                    .try_extract_tensor::<f32>()
+                    .map_err(ModelError::Run)?;
+                if hidden.len() != batch * seq * n_embd {
+                    return Err(ModelError::Contract(format!(
+                        "`last_hidden_state` has {} values, expected {batch} x {seq} x {n_embd}",
+                        hidden.len()
+                    )));
+                }
+                let pooled = heads::pool(hidden, batch, seq, *n_embd, &mask);
+                Ok(heads::apply(weights, &pooled, batch))
+            }
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The processor: wires source, windows, model, signals and sink together.
+//!
+//! ```text
+//! consumer ──decode──▶ Store (windows, watermarks, coalescing) ──requests──▶ model workers
+//!    │  rejected ──▶ DLQ                                                        │ scores
+//!    └─ commit ◀── offset tracker ◀── acknowledgements ◀── signal records ◀─────┘
+//! ```
+//!
+//! The consumer's life has three phases: consuming, draining (stop reading, score every dirty
+//! user, wait for every acknowledgement, commit), done. Draining starts on SIGTERM or SIGINT,
+//! or when `until_caught_up` is set and every assigned partition is read to its end with
+//! nothing left in flight. A model or delivery failure stops the processor without committing
+//! what it did not deliver.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::http::Health;
+use crate::metrics as m;
+use crate::model::batcher::{self, BatchConfig, ScoreRequest, Scored};
+use crate::model::card::ModelCard;
+use crate::model::scorer::ModelError;
+use crate::model::LoadedModel;
+use crate::offsets::{OffsetRef, OffsetTracker, Partition};
+use crate::signals;
+use crate::sink::{Sink, SinkError};
+use crate::source::{self, SourceConsumer, SourceContext, Topics};
+use crate::window::store::{Applied, Scoring, Store, StoreConfig};
+use crate::window::Lineage;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Stop once every assigned partition is read to its end and everything is delivered.
+    pub until_caught_up: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot create the Kafka consumer")]
+    Consumer(#[source] KafkaError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("the model failed")]
+    Model(#[from] ModelError),
+    #[error("the model workers stopped")]
+    WorkersGone,
+    #[error("draining did not finish within shutdown.drain_timeout ({0:?})")]
+    DrainTimeout(Duration),
+}
+
+/// Why consuming stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Signal,
+    CaughtUp,
+}
+
+type Request = ScoreRequest<Scoring<OffsetRef>>;
+type Outcome = Result<Scored<Scoring<OffsetRef>>, ModelError>;
+
+/// State the consume loop works on (the consumer itself is kept apart so that a borrowed
+/// message can be handled while this is mutated).
+struct Processor {
+    topics: Topics,
+    store: Store<OffsetRef>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    sink: Sink,
+    /// Scoring requests to the model workers; dropped when draining so the workers finish.
+    requests: Option<flume::Sender<Request>>,
+    health: Arc<Health>,
+}
+
+/// Failures reported by tasks other than the consume loop.
+struct Fatal {
+    sink: mpsc::UnboundedReceiver<SinkError>,
+    model: mpsc::UnboundedReceiver<ModelError>,
+}
+
+impl Fatal {
+    async fn next(&mut self) -> PipelineError {
+        tokio::select! {
+            Some(err) = self.sink.recv() => PipelineError::Sink(err),
+            Some(err) = self.model.recv() => PipelineError::Model(err),
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// Runs the processor until a signal or, with `until_caught_up`, the end of the input.
+pub async fn run(
+    config: Config,
+    model: LoadedModel,
+    key: crate::privacy::Pseudonymizer,
+    health: Arc<Health>,
+    options: RunOptions,
+) -> Result<StopReason, PipelineError> {
+    let card = model.card.clone();
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let (sink_fatal, sink_errors) = mpsc::unbounded_channel();
+    let sink = Sink::new(&config, tracker.clone(), sink_fatal)?;
+
+    let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
+    let (result_tx, result_rx) = flume::bounded(config.scoring.queue_capacity);
+    let batch = BatchConfig {
+        batch_size: config.scoring.batch_size,
+        max_wait: config.scoring.max_batch_wait,
+        max_tokens: card.max_tokens,
+    };
+    let workers =
+        batcher::spawn_workers(model.scorers, &model.tokenizer, batch, request_rx, result_tx);
+    health.model_loaded.store(true, Ordering::SeqCst);
+    let (model_fatal, model_errors) = mpsc::unbounded_channel();
+    let explain_top = config.scoring.explain_top;
+    let publisher =
+        tokio::spawn(publish(result_rx, sink.clone(), card.clone(), explain_top, model_fatal));
+    let mut fatal = Fatal { sink: sink_errors, model: model_errors };
+
+    let context = SourceContext { tracker: tracker.clone(), assignment: health.assignment.clone() };
+    let consumer = source::subscribe(&config, context).map_err(PipelineError::Consumer)?;
+    tracing::info!(inputs = config.inputs.len(), group = %config.kafka.group_id, "consuming");
+    let mut processor = Processor {
+        topics: Topics::new(&config),
+        store: Store::new(StoreConfig::resolve(&config, &card), Arc::new(key)),
+        tracker,
+        sink,
+        requests: Some(request_tx),
+        health,
+    };
+
+    let reason = processor.consume(&consumer, &config, options, &mut fatal).await?;
+    tracing::info!(?reason, "draining");
+    let timeout = config.shutdown.drain_timeout;
+    tokio::time::timeout(timeout, processor.drain(&consumer, publisher, &mut fatal))
+        .await
+        .map_err(|_| PipelineError::DrainTimeout(timeout))??;
+    tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
+        .await
+        .ok();
+    tracing::info!(?reason, "done");
+    Ok(reason)
+}
+
+/// Turns scores into records and publishes them, in the order the workers finish.
+async fn publish(
+    results: flume::Receiver<Outcome>,
+    sink: Sink,
+    card: Arc<ModelCard>,
+    explain_top: usize,
+    fatal: mpsc::UnboundedSender<ModelError>,
+) {
+    while let Ok(outcome) = results.recv_async().await {
+        let scored = match outcome {
+            Ok(scored) => scored,
+            Err(err) => {
+                let _ = fatal.send(err);
+                return;
+            }
+        };
+        let Scoring { facts, pending } = scored.context;
+        let now = crate::time::now_ms();
+        let record = signals::build(
+            &card,
+            facts,
+            &scored.full,
+            &scored.without,
+            &scored.kept,
+            explain_top,
+            now,
+        );
+        sink.publish(&record, pending).await;
+    }
+}
+
+impl Processor {
+    /// The consuming phase.
+    async fn consume(
+        &mut self,
+        consumer: &SourceConsumer,
+        config: &Config,
+        options: RunOptions,
+        fatal: &mut Fatal,
+    ) -> Result<StopReason, PipelineError> {
+        let tick_period = (config.scoring.coalesce / 4).clamp(Duration::from_millis(1), TICK_MAX);
+        let mut coalesce = tokio::time::interval(tick_period);
+        let mut commit = tokio::time::interval(config.kafka.commit_interval);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_PERIOD);
+        let mut caught_up = tokio::time::interval(CAUGHT_UP_PERIOD);
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                err = fatal.next() => return Err(err),
+                () = &mut shutdown => return Ok(StopReason::Signal),
+                _ = coalesce.tick() => self.dispatch_due().await?,
+                _ = commit.tick() => self.commit(consumer, CommitMode::Async),
+                _ = housekeeping.tick() => self.housekeeping(consumer).await,
+                _ = caught_up.tick(), if options.until_caught_up => {
+                    if self.is_caught_up(consumer).await {
+                        return Ok(StopReason::CaughtUp);
+                    }
+                }
+                // Last, so that a backlog of records cannot starve the timers above.
+                message = consumer.recv() => match message {
+                    Ok(message) => self.handle(&message).await,
+                    Err(err) => self.client_error(&err),
+                },
+            }
+        }
+    }
+
+    /// One input record: decode, then window or DLQ.
+    async fn handle(&mut self, message: &BorrowedMessage<'_>) {
+        self.health.broker_down.store(false, Ordering::SeqCst);
+        let Some((topic, format)) = self.topics.get(message.topic()).cloned() else {
+            tracing::warn!(topic = message.topic(), "record from a topic not subscribed");
+            return;
+        };
+        let partition = Partition { topic: topic.clone(), partition: message.partition() };
+        let offset = message.offset();
+        self.tracker.lock().expect("offset tracker lock poisoned").open(&partition, offset);
+        metrics::counter!(m::RECORDS_IN, "topic" => topic.to_string()).increment(1);
+        let token = OffsetRef { partition, offset, timestamp_ms: message.timestamp().to_millis() };
+
+        let event = match source::decode(format, message.payload()) {
+            Ok(event) => event,
+            Err(rejection) => return self.reject(message, rejection, token).await,
+        };
+        let kind = event.kind().as_str();
+        let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
+        match self.store.apply(event, lineage, token, Instant::now()) {
+            Applied::Accepted => {
+                let labels = [("topic", topic.to_string()), ("kind", kind.to_owned())];
+                metrics::counter!(m::EVENTS_ACCEPTED, &labels).increment(1);
+            }
+            Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
+            Applied::OptedOut(released) => {
+                metrics::counter!(m::EVENTS_OPTED_OUT, "topic" => topic.to_string()).increment(1);
+                let mut tracker = self.tracker.lock().expect("offset tracker lock poisoned");
+                for token in released {
+                    tracker.done(&token.partition, token.offset);
+                }
+            }
+        }
+    }
+
+    /// Counts, logs and dead-letters a rejected record. One place for all rejections.
+    async fn reject(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        rejection: crate::event::Rejection,
+        token: OffsetRef,
+    ) {
+        let topic = token.partition.topic.to_string();
+        let reason = rejection.reason.as_str();
+        metrics::counter!(m::RECORDS_REJECTED, "topic" => topic.clone(), "reason" => reason)
+            .increment(1);
+        tracing::debug!(
+            topic,
+            partition = token.partition.partition,
+            offset = token.offset,
+            reason,
+            "record rejected"
+        );
+        let payload = message.payload().unwrap_or_default();
+        self.sink.dead_letter(message.key(), payload, &rejection, token).await;
+    }
+
+    fn client_error(&self, err: &KafkaError) {
+        tracing::warn!(cause = %err, "consumer error");
+        if matches!(
+            err.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.health.broker_down.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Hands the users whose debounce has passed to the model workers.
+    async fn dispatch_due(&mut self) -> Result<(), PipelineError> {
+        let due = self.store.take_due(Instant::now());
+        self.send_requests(due).await
+    }
+
+    async fn send_requests(&mut self, requests: Vec<Request>) -> Result<(), PipelineError> {
+        let Some(sender) = &self.requests else { return Ok(()) };
+        for request in requests {
+            sender.send_async(request).await.map_err(|_| PipelineError::WorkersGone)?;
+        }
+        metrics::gauge!(m::SCORING_QUEUE_DEPTH).set(sender.len() as f64);
+        Ok(())
+    }
+
+    /// Commits every partition whose done position moved.
+    fn commit(&self, consumer: &SourceConsumer, mode: CommitMode) {
+        let positions = self.tracker.lock().expect("offset tracker lock poisoned").to_commit();
+        if positions.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (partition, position) in &positions {
+            let offset = Offset::Offset(*position);
+            if let Err(err) =
+                list.add_partition_offset(&partition.topic, partition.partition, offset)
+            {
+                tracing::warn!(cause = %err, "cannot build the commit list");
+                return;
+            }
+        }
+        let started = Instant::now();
+        match consumer.commit(&list, mode) {
+            Ok(()) => {
+                metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                self.tracker.lock().expect("offset tracker lock poisoned").committed(&positions);
+            }
+            Err(err) => {
+                metrics::counter!(m::COMMIT_FAILURES).increment(1);
+                tracing::warn!(cause = %err, "offset commit failed");
+            }
+        }
+    }
+
+    /// Gauges, idle-user eviction and consumer lag.
+    async fn housekeeping(&mut self, consumer: &SourceConsumer) {
+        let evicted = self.store.evict_idle();
+        if evicted > 0 {
+            metrics::counter!(m::USERS_EVICTED).increment(evicted as u64);
+        }
+        metrics::gauge!(m::ACTIVE_USERS).set(self.store.users() as f64);
+        metrics::gauge!(m::STATE_BYTES).set(self.store.state_bytes() as f64);
+        for (partition, lag) in self.lag(consumer).await.unwrap_or_default() {
+            let labels = [
+                ("topic", partition.topic.to_string()),
+                ("partition", partition.partition.to_string()),
+            ];
+            metrics::gauge!(m::CONSUMER_LAG, &labels).set(lag as f64);
+        }
+    }
+
+    /// Records behind the high watermark per assigned partition; `None` when unknown.
+    async fn lag(&self, consumer: &SourceConsumer) -> Option<Vec<(Partition, i64)>> {
+        let assigned: Vec<Partition> =
+            self.health.assignment.lock().ok()?.iter().cloned().collect();
+        if assigned.is_empty() {
+            return None;
+        }
+        let positions = consumer.position().ok()?;
+        let mut lags = Vec::with_capacity(assigned.len());
+        for partition in assigned {
+            let (low, high) = tokio::task::block_in_place(|| {
+                consumer.fetch_watermarks(&partition.topic, partition.partition, WATERMARK_TIMEOUT)
+            })
+            .ok()?;
+            let position = positions
+                .find_partition(&partition.topic, partition.partition)
+                .and_then(|e| e.offset().to_raw())
+                .filter(|&p| p >= 0)
+                .unwrap_or(low);
+            lags.push((partition, (high - position).max(0)));
+        }
+        Some(lags)
+    }
+
+    /// Every assigned partition read to its end, nothing dirty, nothing in flight.
+    async fn is_caught_up(&self, consumer: &SourceConsumer) -> bool {
+        let open = self.tracker.lock().expect("offset tracker lock poisoned").open_count();
+        if open > 0 || self.store.dirty() > 0 || self.sink.in_flight() > 0 {
+            return false;
+        }
+        match self.lag(consumer).await {
+            Some(lags) => lags.iter().all(|(_, lag)| *lag == 0),
+            None => false,
+        }
+    }
+
+    /// The draining phase: score every dirty user, let the workers finish, wait for every
+    /// acknowledgement, commit, leave the group.
+    async fn drain(
+        &mut self,
+        consumer: &SourceConsumer,
+        publisher: tokio::task::JoinHandle<()>,
+        fatal: &mut Fatal,
+    ) -> Result<(), PipelineError> {
+        let remaining = self.store.take_all();
+        tracing::info!(users = remaining.len(), "scoring dirty users before stopping");
+        self.send_requests(remaining).await?;
+        self.requests = None;
+        let finish = async {
+            let _ = publisher.await;
+            self.sink.wait_idle().await;
+        };
+        tokio::select! {
+            biased;
+            err = fatal.next() => return Err(err),
+            () = finish => {}
+        }
+        self.commit(consumer, CommitMode::Sync);
+        consumer.unsubscribe();
+        Ok(())
+    }
+}
+
+/// Longest pause between coalescing checks.
+const TICK_MAX: Duration = Duration::from_millis(50);
+/// How often gauges, eviction and lag are refreshed.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(5);
+/// How often `until_caught_up` looks at the partitions' ends.
+const CAUGHT_UP_PERIOD: Duration = Duration::from_millis(500);
+/// Bound on one watermark query.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+    }
+}

@@ -1,0 +1,302 @@
+//! Signal records: what the processor publishes for each scoring of a user's window.
+//!
+//! [`build`] turns the model's scores for a window (and for the window with each candidate
+//! event left out) into a [`SignalRecord`]: calibrated head outputs for the signals that apply
+//! to the window, the rule-derived `service_alert`, decayed interests, the top contributing
+//! events per signal, and lineage. The record has a JSON form (serde) and a protobuf form
+//! (`proto/signals.proto`) with the same field names.
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Format;
+use crate::model::card::{AppliesWhen, ModelCard, SignalSpec};
+use crate::proto::signals as pb;
+use crate::render;
+use crate::window::{Lineage, UserState, WindowEvent};
+
+/// Name of the rule-derived customer-care signal.
+pub const SERVICE_ALERT: &str = "service_alert";
+/// Head the service alert is derived from.
+pub const SENTIMENT: &str = "sentiment";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignalRecord {
+    pub user_key: String,
+    pub version: u64,
+    pub model_version: String,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    pub event_count: u32,
+    pub scores: Vec<Score>,
+    pub interests: Vec<InterestWeight>,
+    pub lineage: RecordLineage,
+    pub produced_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub signal: String,
+    pub value: f32,
+    pub status: String,
+    pub top_events: Vec<Contribution>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contribution {
+    pub event_id: String,
+    pub event_time_ms: i64,
+    pub summary: String,
+    pub delta: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InterestWeight {
+    pub category_id: String,
+    pub weight: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordLineage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// What a scoring needs from the window besides the model's scores; taken when the scoring
+/// request is made so that the window may change while the model works.
+#[derive(Clone, Debug)]
+pub struct WindowFacts {
+    pub user_key: String,
+    pub version: u64,
+    pub events: Vec<WindowEvent>,
+    pub interests: Vec<InterestWeight>,
+}
+
+impl WindowFacts {
+    pub fn of(user_key: String, state: &UserState, top_interests: usize) -> WindowFacts {
+        let interests = state
+            .top_interests(top_interests)
+            .into_iter()
+            .map(|(category, weight)| InterestWeight { category_id: category.into(), weight })
+            .collect();
+        WindowFacts {
+            user_key,
+            version: state.version(),
+            events: state.events().iter().cloned().collect(),
+            interests,
+        }
+    }
+}
+
+/// Builds the record from the whole-window scores (`full`), the scores with each candidate
+/// left out (`without`), and the events that reached the model (`kept`, window indices).
+pub fn build(
+    card: &ModelCard,
+    facts: WindowFacts,
+    full: &[f32],
+    without: &[(usize, Vec<f32>)],
+    kept: &[usize],
+    explain_top: usize,
+    produced_at_ms: i64,
+) -> SignalRecord {
+    let seen: Vec<&WindowEvent> = kept.iter().map(|&i| &facts.events[i]).collect();
+    let mut scores = Vec::with_capacity(card.signals.len() + card.derived.len());
+    for (index, spec) in card.signals.iter().enumerate() {
+        if !spec.applies_when.holds(seen.iter().copied()) {
+            continue;
+        }
+        let deltas = without.iter().map(|(event, w)| (*event, full[index] - w[index]));
+        scores.push(score(spec, full[index], deltas, &facts.events, explain_top));
+    }
+    if let Some(alert) = service_alert(card, &facts, full, without, kept, explain_top) {
+        scores.push(alert);
+    }
+
+    let newest = facts.events.iter().max_by_key(|e| e.event_time_ms);
+    let lineage = newest.map_or_else(
+        || RecordLineage { topic: String::new(), partition: -1, offset: -1 },
+        |e| lineage_of(&e.lineage),
+    );
+    SignalRecord {
+        user_key: facts.user_key,
+        version: facts.version,
+        model_version: card.model_version.clone(),
+        window_start_ms: facts.events.first().map_or(0, |e| e.event_time_ms),
+        window_end_ms: facts.events.last().map_or(0, |e| e.event_time_ms),
+        event_count: facts.events.len() as u32,
+        scores,
+        interests: facts.interests,
+        lineage,
+        produced_at_ms,
+    }
+}
+
+fn lineage_of(lineage: &Lineage) -> RecordLineage {
+    RecordLineage {
+        topic: lineage.topic.to_string(),
+        partition: lineage.partition,
+        offset: lineage.offset,
+    }
+}
+
+fn score(
+    spec: &SignalSpec,
+    value: f32,
+    deltas: impl Iterator<Item = (usize, f32)>,
+    events: &[WindowEvent],
+    top: usize,
+) -> Score {
+    let mut deltas: Vec<(usize, f32)> = deltas.collect();
+    deltas.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(b.0.cmp(&a.0)));
+    let top_events = deltas
+        .into_iter()
+        .take(top)
+        .map(|(index, delta)| {
+            let event = &events[index];
+            Contribution {
+                event_id: event.event_id.to_string(),
+                event_time_ms: event.event_time_ms,
+                summary: render::summary(event),
+                delta,
+            }
+        })
+        .collect();
+    Score { signal: spec.name.clone(), value, status: spec.status.as_str().to_owned(), top_events }
+}
+
+/// `service_alert = 1 - sentiment` when the model saw a review of an item bought earlier in
+/// the window; absent otherwise. Its explanation applies the same rule to each leave-one-out
+/// variant, so removing the review or the purchase shows as the whole score.
+fn service_alert(
+    card: &ModelCard,
+    facts: &WindowFacts,
+    full: &[f32],
+    without: &[(usize, Vec<f32>)],
+    kept: &[usize],
+    explain_top: usize,
+) -> Option<Score> {
+    let spec = card.derived.iter().find(|s| s.name == SERVICE_ALERT)?;
+    let sentiment = card.signal_index(SENTIMENT)?;
+    let rule = |skip: Option<usize>, scores: &[f32]| -> f32 {
+        let seen = kept.iter().filter(|&&i| Some(i) != skip).map(|&i| &facts.events[i]);
+        if AppliesWhen::ReviewOfBoughtItem.holds(seen) {
+            1.0 - scores[sentiment]
+        } else {
+            0.0
+        }
+    };
+    if !spec.applies_when.holds(kept.iter().map(|&i| &facts.events[i])) {
+        return None;
+    }
+    let value = rule(None, full);
+    let deltas = without.iter().map(|(event, w)| (*event, value - rule(Some(*event), w)));
+    Some(score(spec, value, deltas, &facts.events, explain_top))
+}
+
+/// Encodes a record for the signal topic.
+pub fn encode(format: Format, record: &SignalRecord) -> Vec<u8> {
+    match format {
+        Format::Json => serde_json::to_vec(record).expect("plain fields serialise"),
+        Format::Protobuf => to_proto(record).encode_to_vec(),
+    }
+}
+
+/// Decodes a record read back from the signal topic.
+pub fn decode(format: Format, bytes: &[u8]) -> Result<SignalRecord, String> {
+    match format {
+        Format::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        Format::Protobuf => {
+            pb::SignalRecord::decode(bytes).map(from_proto).map_err(|e| format!("protobuf: {e}"))
+        }
+    }
+}
+
+fn to_proto(r: &SignalRecord) -> pb::SignalRecord {
+    pb::SignalRecord {
+        user_key: r.user_key.clone(),
+        version: r.version,
+        model_version: r.model_version.clone(),
+        window_start_ms: r.window_start_ms,
+        window_end_ms: r.window_end_ms,
+        event_count: r.event_count,
+        scores: r
+            .scores
+            .iter()
+            .map(|s| pb::Score {
+                signal: s.signal.clone(),
+                value: s.value,
+                status: s.status.clone(),
+                top_events: s
+                    .top_events
+                    .iter()
+                    .map(|c| pb::Contribution {
+                        event_id: c.event_id.clone(),
+                        event_time_ms: c.event_time_ms,
+                        summary: c.summary.clone(),
+                        delta: c.delta,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        interests: r
+            .interests
+            .iter()
+            .map(|i| pb::Interest { category_id: i.category_id.clone(), weight: i.weight })
+            .collect(),
+        lineage: Some(pb::Lineage {
+            topic: r.lineage.topic.clone(),
+            partition: r.lineage.partition,
+            offset: r.lineage.offset,
+        }),
+        produced_at_ms: r.produced_at_ms,
+    }
+}
+
+fn from_proto(r: pb::SignalRecord) -> SignalRecord {
+    let lineage = r.lineage.unwrap_or_default();
+    SignalRecord {
+        user_key: r.user_key,
+        version: r.version,
+        model_version: r.model_version,
+        window_start_ms: r.window_start_ms,
+        window_end_ms: r.window_end_ms,
+        event_count: r.event_count,
+        scores: r
+            .scores
+            .into_iter()
+            .map(|s| Score {
+                signal: s.signal,
+                value: s.value,
+                status: s.status,
+                top_events: s
+                    .top_events
+                    .into_iter()
+                    .map(|c| Contribution {
+                        event_id: c.event_id,
+                        event_time_ms: c.event_time_ms,
+                        summary: c.summary,
+                        delta: c.delta,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        interests: r
+            .interests
+            .into_iter()
+            .map(|i| InterestWeight { category_id: i.category_id, weight: i.weight })
+            .collect(),
+        lineage: RecordLineage {
+            topic: lineage.topic,
+            partition: lineage.partition,
+            offset: lineage.offset,
+        },
+        produced_at_ms: r.produced_at_ms,
+    }
+}
+
+impl SignalRecord {
+    pub fn score(&self, signal: &str) -> Option<&Score> {
+        self.scores.iter().find(|s| s.signal == signal)
+    }
+}

@@ -1,0 +1,138 @@
+//! The consumer side: a consumer group over the input topics, and the decoding of each record
+//! into an [`Event`] or a [`Rejection`] for the DLQ.
+//!
+//! Offsets are never committed automatically; the pipeline commits what the offset tracker
+//! says is done. On a revocation the context commits the revoked partitions' done positions
+//! before they move to another instance, and forgets them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::event::{self, Event, Format, RejectReason, Rejection};
+use crate::metrics as m;
+use crate::offsets::{OffsetTracker, Partition};
+
+/// Partitions currently assigned to this instance (for readiness and the caught-up check).
+pub type Assignment = Arc<Mutex<BTreeSet<Partition>>>;
+
+/// Consumer context: logs client events, counts rebalances, keeps the assignment current.
+pub struct SourceContext {
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub assignment: Assignment,
+}
+
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(cause = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(partitions) = rebalance else { return };
+        metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
+        let revoked = partitions_of(partitions);
+        let mut commit = TopicPartitionList::new();
+        {
+            let mut tracker = self.tracker.lock().expect("offset tracker lock poisoned");
+            for partition in &revoked {
+                if let Some(position) = tracker.revoke(partition) {
+                    let _ = commit.add_partition_offset(
+                        &partition.topic,
+                        partition.partition,
+                        Offset::Offset(position),
+                    );
+                }
+            }
+        }
+        if commit.count() > 0 {
+            if let Err(err) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(cause = %err, "commit on revocation failed");
+            }
+        }
+        let mut assignment = self.assignment.lock().expect("assignment lock poisoned");
+        for partition in &revoked {
+            assignment.remove(partition);
+        }
+        tracing::info!(partitions = revoked.len(), "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
+                let assigned = partitions_of(partitions);
+                tracing::info!(partitions = assigned.len(), "partitions assigned");
+                self.assignment.lock().expect("assignment lock poisoned").extend(assigned);
+            }
+            Rebalance::Error(err) => tracing::warn!(cause = %err, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<Partition> {
+    list.elements()
+        .iter()
+        .map(|e| Partition { topic: e.topic().into(), partition: e.partition() })
+        .collect()
+}
+
+pub type SourceConsumer = rdkafka::consumer::StreamConsumer<SourceContext>;
+
+/// Consumer properties: manual commits from the beginning of the topic for a new group; then
+/// the user's `kafka.client` and `kafka.consumer` maps, which win.
+pub fn consumer_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    for (key, value) in config.kafka.client.iter().chain(&config.kafka.consumer) {
+        client.set(key, value);
+    }
+    client
+}
+
+/// Creates the consumer and subscribes it to every input topic.
+pub fn subscribe(config: &Config, context: SourceContext) -> Result<SourceConsumer, KafkaError> {
+    let consumer: SourceConsumer = consumer_config(config).create_with_context(context)?;
+    let topics: Vec<&str> = config.inputs.iter().map(|i| i.topic.as_str()).collect();
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
+/// Input topics by name, with their format and an interned name for lineage.
+pub struct Topics {
+    by_name: HashMap<String, (Arc<str>, Format)>,
+}
+
+impl Topics {
+    pub fn new(config: &Config) -> Topics {
+        let by_name = config
+            .inputs
+            .iter()
+            .map(|i| (i.topic.clone(), (Arc::<str>::from(i.topic.as_str()), i.format)))
+            .collect();
+        Topics { by_name }
+    }
+
+    pub fn get(&self, topic: &str) -> Option<&(Arc<str>, Format)> {
+        self.by_name.get(topic)
+    }
+}
+
+/// Decodes a record's payload. An absent payload (a tombstone) is malformed input.
+pub fn decode(format: Format, payload: Option<&[u8]>) -> Result<Event, Rejection> {
+    match payload {
+        None | Some([]) => Err(Rejection::new(RejectReason::Malformed, "empty record")),
+        Some(bytes) => event::decode(format, bytes),
+    }
+}

@@ -1,0 +1,344 @@
+//! All users' windows, the per-partition watermarks, and per-user coalescing.
+//!
+//! The [`Store`] receives validated events with their lineage and a token (the processor's
+//! offset reference, or nothing offline). It rejects events behind their partition's
+//! watermark, applies the rest to the user's window, and marks the user dirty. A dirty user
+//! is handed out for scoring once `coalesce` has passed since its first unscored change, so a
+//! burst of events gives one scoring of the latest window; the tokens of every event since
+//! the last scoring travel with that request, so they are released only when its record is
+//! delivered.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::event::{Event, RejectReason, Rejection};
+use crate::model::batcher::ScoreRequest;
+use crate::privacy::Pseudonymizer;
+use crate::render;
+use crate::signals::WindowFacts;
+use crate::window::{Lineage, StateSpec, UserState, WindowEvent};
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub state: StateSpec,
+    /// How far behind its partition's newest event time an event may be.
+    pub allowed_lateness_ms: i64,
+    /// Per-user debounce before a changed window is scored.
+    pub coalesce: Duration,
+    /// Newest events tried for leave-one-out explanations.
+    pub explain_candidates: usize,
+    /// Interests reported per record.
+    pub top_interests: usize,
+}
+
+impl StoreConfig {
+    /// The store settings for `config` and the model it runs. The window shape defaults to
+    /// the one the model was trained with; a configured shape that differs is used, with a
+    /// warning, since the model never saw such windows.
+    pub fn resolve(config: &crate::config::Config, card: &crate::model::card::ModelCard) -> Self {
+        let mut window = card.window;
+        if let Some(max_events) = config.window.max_events {
+            window.max_events = max_events;
+        }
+        if let Some(span) = config.window.span {
+            window.span_ms = span.as_millis() as i64;
+        }
+        if window != card.window {
+            tracing::warn!(
+                configured_max_events = window.max_events,
+                configured_span_ms = window.span_ms,
+                trained_max_events = card.window.max_events,
+                trained_span_ms = card.window.span_ms,
+                "window differs from the one the model was trained with"
+            );
+        }
+        StoreConfig {
+            state: StateSpec {
+                window,
+                user_ttl_ms: config.window.user_ttl.as_millis() as i64,
+                interest_half_life_ms: config.interests.half_life.as_millis() as i64,
+                interests_tracked: config.interests.tracked,
+            },
+            allowed_lateness_ms: config.window.allowed_lateness.as_millis() as i64,
+            coalesce: config.scoring.coalesce,
+            explain_candidates: config.scoring.explain_candidates,
+            top_interests: config.interests.top_k,
+        }
+    }
+}
+
+/// What a scoring request carries back to the sink.
+pub struct Scoring<T> {
+    pub facts: WindowFacts,
+    /// Tokens of the events applied since the previous scoring of this user.
+    pub pending: Vec<T>,
+}
+
+/// The outcome of [`Store::apply`].
+pub enum Applied<T> {
+    /// In the window; the token is held until the user's next record is delivered.
+    Accepted,
+    /// Behind the watermark: the caller dead-letters the record and releases the token.
+    Late(Rejection, T),
+    /// The user opted out: state dropped, these tokens (this event's included) are released.
+    OptedOut(Vec<T>),
+}
+
+struct Tracked<T> {
+    state: UserState,
+    /// When the first change since the last scoring request arrived; `None` when clean.
+    dirty_since: Option<Instant>,
+    pending: Vec<T>,
+}
+
+pub struct Store<T> {
+    config: StoreConfig,
+    pseudonymizer: Arc<Pseudonymizer>,
+    users: HashMap<String, Tracked<T>>,
+    /// Newest event time seen per source partition.
+    newest: HashMap<(Arc<str>, i32), i64>,
+    /// Users in order of their first unscored change; entries whose user was scored or
+    /// changed again since are skipped when they come up.
+    due: VecDeque<(Instant, String)>,
+}
+
+impl<T> Store<T> {
+    pub fn new(config: StoreConfig, pseudonymizer: Arc<Pseudonymizer>) -> Self {
+        Store {
+            config,
+            pseudonymizer,
+            users: HashMap::new(),
+            newest: HashMap::new(),
+            due: VecDeque::new(),
+        }
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Applies one event from the partition named in `lineage`.
+    pub fn apply(&mut self, event: Event, lineage: Lineage, token: T, now: Instant) -> Applied<T> {
+        let source = (lineage.topic.clone(), lineage.partition);
+        let newest = self.newest.entry(source).or_insert(i64::MIN);
+        if *newest != i64::MIN && event.event_time_ms < *newest - self.config.allowed_lateness_ms {
+            let behind = humantime::format_duration(Duration::from_millis(
+                (*newest - event.event_time_ms).unsigned_abs(),
+            ));
+            let detail = format!("event time is {behind} behind the partition's newest event");
+            return Applied::Late(Rejection::new(RejectReason::Late, detail), token);
+        }
+        *newest = (*newest).max(event.event_time_ms);
+
+        if event.opt_out {
+            let mut released = self.users.remove(&event.user_id).map_or(Vec::new(), |t| t.pending);
+            released.push(token);
+            return Applied::OptedOut(released);
+        }
+
+        let stored = WindowEvent::from_event(&event, lineage, &self.config.state.window);
+        match self.users.get_mut(&event.user_id) {
+            Some(tracked) => {
+                tracked.state.apply(stored, &self.config.state);
+                tracked.pending.push(token);
+                if tracked.dirty_since.is_none() {
+                    tracked.dirty_since = Some(now);
+                    self.due.push_back((now, event.user_id));
+                }
+            }
+            None => {
+                let state = UserState::new(stored, &self.config.state);
+                let tracked = Tracked { state, dirty_since: Some(now), pending: vec![token] };
+                self.users.insert(event.user_id.clone(), tracked);
+                self.due.push_back((now, event.user_id));
+            }
+        }
+        Applied::Accepted
+    }
+
+    /// Scoring requests for users whose debounce has passed by `now`.
+    pub fn take_due(&mut self, now: Instant) -> Vec<ScoreRequest<Scoring<T>>> {
+        let mut out = Vec::new();
+        while let Some((since, _)) = self.due.front() {
+            if now.duration_since(*since) < self.config.coalesce {
+                break;
+            }
+            let Some((since, user)) = self.due.pop_front() else { break };
+            if let Some(request) = self.request_if_dirty_since(&user, since) {
+                out.push(request);
+            }
+        }
+        out
+    }
+
+    /// Scoring requests for every dirty user, regardless of debounce (shutdown, end of file).
+    pub fn take_all(&mut self) -> Vec<ScoreRequest<Scoring<T>>> {
+        let mut out = Vec::new();
+        while let Some((since, user)) = self.due.pop_front() {
+            if let Some(request) = self.request_if_dirty_since(&user, since) {
+                out.push(request);
+            }
+        }
+        out
+    }
+
+    fn request_if_dirty_since(
+        &mut self,
+        user: &str,
+        since: Instant,
+    ) -> Option<ScoreRequest<Scoring<T>>> {
+        let tracked = self.users.get_mut(user)?;
+        if tracked.dirty_since != Some(since) {
+            return None;
+        }
+        tracked.dirty_since = None;
+        let pending = std::mem::take(&mut tracked.pending);
+        let key = self.pseudonymizer.key(user);
+        let facts = WindowFacts::of(key, &tracked.state, self.config.top_interests);
+        let segments = render::render(&tracked.state);
+        let count = tracked.state.events().len();
+        let candidates = (count.saturating_sub(self.config.explain_candidates)..count).collect();
+        Some(ScoreRequest { segments, candidates, context: Scoring { facts, pending } })
+    }
+
+    /// Drops users idle past the TTL. Only users that any later event would restart anyway
+    /// are dropped (idle longer than TTL plus allowed lateness behind the slowest partition),
+    /// so eviction never changes a result; dirty users wait for their scoring.
+    pub fn evict_idle(&mut self) -> usize {
+        let Some(&clock) = self.newest.values().filter(|&&t| t != i64::MIN).min() else {
+            return 0;
+        };
+        let horizon = clock - self.config.state.user_ttl_ms - self.config.allowed_lateness_ms;
+        let before = self.users.len();
+        self.users.retain(|_, t| t.dirty_since.is_some() || t.state.newest_ms() >= horizon);
+        before - self.users.len()
+    }
+
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Users with changes not yet handed out for scoring.
+    pub fn dirty(&self) -> usize {
+        self.users.values().filter(|t| t.dirty_since.is_some()).count()
+    }
+
+    /// Approximate bytes of all user state.
+    pub fn state_bytes(&self) -> usize {
+        self.users.iter().map(|(id, t)| id.len() + t.state.approx_bytes()).sum()
+    }
+
+    /// The current window of a user, if held.
+    pub fn state(&self, user_id: &str) -> Option<&UserState> {
+        self.users.get(user_id).map(|t| &t.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Action, Click, EventBody};
+    use crate::window::WindowSpec;
+
+    fn store(coalesce_ms: u64) -> Store<i64> {
+        let config = StoreConfig {
+            state: StateSpec {
+                window: WindowSpec::default(),
+                user_ttl_ms: 86_400_000,
+                interest_half_life_ms: 86_400_000,
+                interests_tracked: 8,
+            },
+            allowed_lateness_ms: 60_000,
+            coalesce: Duration::from_millis(coalesce_ms),
+            explain_candidates: 2,
+            top_interests: 3,
+        };
+        let key = Arc::new(Pseudonymizer::new(b"0123456789abcdef").unwrap());
+        Store::new(config, key)
+    }
+
+    fn event(user: &str, time_ms: i64) -> Event {
+        Event {
+            user_id: user.into(),
+            event_id: format!("{user}-{time_ms}"),
+            event_time_ms: time_ms,
+            opt_out: false,
+            body: EventBody::Click(Click {
+                action: Action::View,
+                item_id: "i".into(),
+                category_id: "c".into(),
+                price: None,
+                discount: None,
+                quantity: None,
+            }),
+        }
+    }
+
+    fn lineage(partition: i32, offset: i64) -> Lineage {
+        Lineage { topic: "t".into(), partition, offset }
+    }
+
+    #[test]
+    fn a_burst_gives_one_scoring_with_every_token() {
+        let mut store = store(100);
+        let t0 = Instant::now();
+        for i in 0..5 {
+            let at = t0 + Duration::from_millis(i * 10);
+            assert!(matches!(
+                store.apply(event("u", 1_000_000 + i as i64), lineage(0, i as i64), i as i64, at),
+                Applied::Accepted
+            ));
+        }
+        assert!(store.take_due(t0 + Duration::from_millis(99)).is_empty());
+        let due = store.take_due(t0 + Duration::from_millis(100));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].context.pending, [0, 1, 2, 3, 4]);
+        assert_eq!(due[0].context.facts.events.len(), 5);
+        assert_eq!(due[0].candidates, [3, 4]);
+        assert!(store.take_due(t0 + Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn late_events_are_rejected_per_partition() {
+        let mut store = store(0);
+        let now = Instant::now();
+        store.apply(event("a", 10_000_000), lineage(0, 0), 0, now);
+        match store.apply(event("b", 10_000_000 - 61_000), lineage(0, 1), 1, now) {
+            Applied::Late(rejection, token) => {
+                assert_eq!(rejection.reason, RejectReason::Late);
+                assert_eq!(token, 1);
+            }
+            _ => panic!("expected late"),
+        }
+        let other_partition = store.apply(event("b", 10_000_000 - 61_000), lineage(1, 0), 2, now);
+        assert!(matches!(other_partition, Applied::Accepted));
+    }
+
+    #[test]
+    fn opt_out_drops_state_and_releases_tokens() {
+        let mut store = store(1_000);
+        let now = Instant::now();
+        store.apply(event("u", 1_000), lineage(0, 0), 0, now);
+        let mut quit = event("u", 2_000);
+        quit.opt_out = true;
+        match store.apply(quit, lineage(0, 1), 1, now) {
+            Applied::OptedOut(released) => assert_eq!(released, [0, 1]),
+            _ => panic!("expected opt-out"),
+        }
+        assert_eq!(store.users(), 0);
+        assert!(store.take_all().is_empty());
+    }
+
+    #[test]
+    fn eviction_spares_dirty_and_recent_users() {
+        let mut store = store(0);
+        let now = Instant::now();
+        store.apply(event("old", 1_000), lineage(0, 0), 0, now);
+        store.take_all();
+        store.apply(event("new", 1_000 + 2 * 86_400_000), lineage(0, 1), 1, now);
+        assert_eq!(store.evict_idle(), 1);
+        assert!(store.state("old").is_none());
+        assert!(store.state("new").is_some());
+    }
+}
