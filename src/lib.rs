@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod http;
+pub mod import;
 pub mod metrics;
 pub mod model;
 pub mod offline;

@@ -8,12 +8,14 @@
 //! +0s view c4756105 i1 $12
 //! +2m cart c4756105 i1 $12
 //! +1h search "red shoes" sort price_asc
-//! +3d review i1 rating 2: strap broke after a week
+//! +3d review i1: strap broke after a week
 //! ```
 //!
 //! Durations and prices are bucketed so that the vocabulary stays small; items are numbered
 //! by first appearance in the window (`i1`, `i2`, ...) because raw item ids carry no meaning a
-//! model could learn across shops. Text was scrubbed when the event entered the window.
+//! model could learn across shops. A review's star rating is not rendered: ratings are the
+//! label the sentiment head learns from, so the model reads sentiment from the text alone.
+//! Text was scrubbed when the event entered the window.
 //! The format is versioned by [`RENDER_VERSION`]; a model trained on another version is
 //! refused at load time.
 
@@ -94,12 +96,9 @@ fn line(event: &WindowEvent, gap_ms: i64, item: Option<usize>) -> String {
             }
             push_category(&mut out, &event.category_id);
         }
-        Detail::Review { rating, text, .. } => {
+        Detail::Review { text, .. } => {
             out.push_str(" review");
             push_item(&mut out, item);
-            if let Some(rating) = rating {
-                let _ = write!(out, " rating {rating}");
-            }
             let _ = write!(out, ": {text}");
         }
     }
@@ -242,7 +241,7 @@ mod tests {
                     +1m cart c42 i1 $12\n\
                     +1m buy c42 i2\n\
                     +1h search \"red shoes\" sort price_asc\n\
-                    +2d review i2 rating 2: call [phone]\n";
+                    +2d review i2: call [phone]\n";
         assert_eq!(text, want);
     }
 

@@ -1,4 +1,5 @@
 //! `mindstream-train`: from event history to the model the processor runs.
 
+pub mod dataset;
 pub mod export;
 pub mod gpt2;
