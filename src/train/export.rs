@@ -657,8 +657,8 @@ mod tests {
         };
         export_onnx(&model, Some(&heads), &path, &meta).unwrap();
 
-        let (batch, seq) = (4, config.n_positions);
-        let (ids, mask) = padded_batch(&[1, 64, 17, 40], seq);
+        let (batch, seq) = (5, config.n_positions);
+        let (ids, mask) = padded_batch(&[1, 64, 17, 40, 0], seq);
         let ort = run_ort(&path, &ids, &mask, batch, seq);
         assert_eq!(ort.model_version.as_deref(), Some("test-1"));
         assert_eq!(ort.signals.as_deref(), Some("a,b,c,d,e,f"));
@@ -675,13 +675,18 @@ mod tests {
             &real_positions(&hidden, &mask, 32),
             &real_positions(&ort.hidden, &mask, 32),
         );
+        // Both sides add the same bias, so even padded positions agree; asserting it catches a
+        // graph that drops the key-padding term, which real positions alone cannot show.
+        let all_diff = max_abs_diff(&hidden, &ort.hidden);
         let scores_diff = max_abs_diff(&scores, &ort.scores);
         let pooled = pool_f32(&ort.hidden, batch, seq, 32, &mask).unwrap();
         let rust_scores = heads.apply_f32(&pooled, batch).unwrap();
         let rust_diff = max_abs_diff(&rust_scores, &ort.scores);
         println!(
-            "max abs diff: hidden {hidden_diff:e}, scores {scores_diff:e}, rust {rust_diff:e}"
+            "max abs diff: hidden {hidden_diff:e} (all positions {all_diff:e}), \
+             scores {scores_diff:e}, rust pooling + heads {rust_diff:e}"
         );
+        assert!(all_diff <= 1e-4, "padded positions differ by {all_diff}");
         assert!(hidden_diff <= 1e-4, "last_hidden_state differs by {hidden_diff}");
         assert!(scores_diff <= 1e-4, "scores differ by {scores_diff}");
         assert!(rust_diff <= 1e-4, "pool_f32 + apply_f32 differ from the graph by {rust_diff}");
