@@ -657,9 +657,22 @@ mod tests {
         };
         export_onnx(&model, Some(&heads), &path, &meta).unwrap();
 
-        let (batch, seq) = (5, config.n_positions);
-        let (ids, mask) = padded_batch(&[1, 64, 17, 40, 0], seq);
-        let ort = run_ort(&path, &ids, &mask, batch, seq);
+        // A full-length batch with rows of length 1 and 0, then a shorter sequence.
+        compare_with_candle(&model, &heads, &path, &[1, 64, 17, 40, 0], 64);
+        compare_with_candle(&model, &heads, &path, &[23, 5], 23);
+    }
+
+    fn compare_with_candle(
+        model: &Gpt2,
+        heads: &Heads,
+        path: &Path,
+        lengths: &[usize],
+        seq: usize,
+    ) {
+        let device = Device::Cpu;
+        let batch = lengths.len();
+        let (ids, mask) = padded_batch(lengths, seq);
+        let ort = run_ort(path, &ids, &mask, batch, seq);
         assert_eq!(ort.model_version.as_deref(), Some("test-1"));
         assert_eq!(ort.signals.as_deref(), Some("a,b,c,d,e,f"));
 
@@ -683,8 +696,8 @@ mod tests {
         let rust_scores = heads.apply_f32(&pooled, batch).unwrap();
         let rust_diff = max_abs_diff(&rust_scores, &ort.scores);
         println!(
-            "max abs diff: hidden {hidden_diff:e} (all positions {all_diff:e}), \
-             scores {scores_diff:e}, rust pooling + heads {rust_diff:e}"
+            "batch {batch} x {seq}: max abs diff hidden {hidden_diff:e} (all positions \
+             {all_diff:e}), scores {scores_diff:e}, rust pooling + heads {rust_diff:e}"
         );
         assert!(all_diff <= 1e-4, "padded positions differ by {all_diff}");
         assert!(hidden_diff <= 1e-4, "last_hidden_state differs by {hidden_diff}");

@@ -39,8 +39,10 @@
 //! (`wte.weight`, `h.0.attn.c_attn.weight`, ...) so a Hugging Face checkpoint loads as is.
 //!
 //! Two `candle` 0.11 pieces are avoided on purpose because they give no gradients:
-//! `candle_nn::ops::softmax_last_dim` (this module uses the composed `ops::softmax`) and the
-//! `candle_nn::LayerNorm` module (this module writes layer norm out of mean and variance).
+//! `candle_nn::ops::softmax_last_dim` and the `candle_nn::LayerNorm` module. Layer norm is
+//! written out of mean and variance; the attention softmax, `gelu_new` and the LM loss use
+//! fused CPU kernels with their own backward (see `fused`), and the composed candle ops on
+//! other devices.
 
 use std::collections::HashMap;
 use std::f64::consts::PI;
@@ -477,11 +479,15 @@ impl Batch {
     }
 }
 
-/// The `[batch, seq]` dimensions of a rank-2 tensor.
+/// The `[batch, seq]` dimensions of a rank-2 tensor, both positive.
 fn batch_dims(t: &Tensor, what: &'static str) -> Result<(usize, usize)> {
     match t.dims() {
-        &[b, s] => Ok((b, s)),
-        dims => Err(Gpt2Error::BatchShape { what, expected: "[batch, seq]", found: dims.to_vec() }),
+        &[b, s] if b > 0 && s > 0 => Ok((b, s)),
+        dims => Err(Gpt2Error::BatchShape {
+            what,
+            expected: "[batch, seq], both positive",
+            found: dims.to_vec(),
+        }),
     }
 }
 
@@ -779,6 +785,14 @@ pub fn pool_f32(
     n_embd: usize,
     mask: &[i64],
 ) -> Result<Vec<f32>> {
+    if seq == 0 {
+        let expected = "seq positive";
+        return Err(Gpt2Error::BatchShape {
+            what: "attention_mask",
+            expected,
+            found: vec![batch, 0],
+        });
+    }
     check_len("hidden", hidden.len(), batch * seq * n_embd)?;
     check_len("attention_mask", mask.len(), batch * seq)?;
     let lengths = row_lengths(mask, batch, seq, 0, 1)?;
@@ -789,9 +803,7 @@ pub fn pool_f32(
         let out = &mut pooled[r * 2 * n_embd..(r + 1) * 2 * n_embd];
         let (last_out, mean_out) = out.split_at_mut(n_embd);
         let last = len.saturating_sub(1);
-        if seq > 0 {
-            last_out.copy_from_slice(&row[last * n_embd..(last + 1) * n_embd]);
-        }
+        last_out.copy_from_slice(&row[last * n_embd..(last + 1) * n_embd]);
         for token in row.chunks_exact(n_embd).take(len) {
             mean_out.iter_mut().zip(token).for_each(|(m, &h)| *m += h);
         }
