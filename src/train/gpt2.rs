@@ -709,6 +709,10 @@ impl Gpt2 {
 
     /// Hidden states after `ln_f`: `input_ids [b, s]` (u8, u32 or i64) and
     /// `attention_mask [b, s]` (0/1, right-padded, any dtype) to `[b, s, n_embd]`.
+    ///
+    /// The result tracks gradients back to the parameters and so keeps every intermediate
+    /// tensor alive; call `.detach()` on it when only the values are wanted (features for
+    /// frozen-backbone heads), so that memory is freed.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let batch = Batch::read(input_ids, attention_mask, &self.config)?;
         let hidden = self.hidden_flat(&batch)?;
