@@ -124,9 +124,10 @@ pub struct WindowConfig {
     /// How far behind a partition's newest event time an event may arrive and still be used.
     #[serde(default = "default_lateness", with = "humantime_serde")]
     pub allowed_lateness: Duration,
-    /// A user idle longer than this (event time) is evicted and starts afresh.
-    #[serde(default = "default_ttl", with = "humantime_serde")]
-    pub user_ttl: Duration,
+    /// A user idle longer than this (event time) is evicted and starts afresh. Absent: the
+    /// model's training value.
+    #[serde(default, with = "humantime_serde")]
+    pub user_ttl: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -253,9 +254,6 @@ fn default_output_format() -> Format {
 fn default_lateness() -> Duration {
     Duration::from_secs(3600)
 }
-fn default_ttl() -> Duration {
-    Duration::from_secs(30 * 86_400)
-}
 fn default_coalesce() -> Duration {
     Duration::from_millis(500)
 }
@@ -334,7 +332,7 @@ impl Default for WindowConfig {
             max_events: None,
             span: None,
             allowed_lateness: default_lateness(),
-            user_ttl: default_ttl(),
+            user_ttl: None,
         }
     }
 }
@@ -468,6 +466,9 @@ impl Config {
         }
         if self.window.max_events == Some(0) {
             return Err(("window.max_events", "must be at least 1".into()));
+        }
+        if self.window.user_ttl.is_some_and(|s| s.is_zero()) {
+            return Err(("window.user_ttl", "must be longer than zero".into()));
         }
         if self.window.span.is_some_and(|s| s.is_zero()) {
             return Err(("window.span", "must be longer than zero".into()));
@@ -634,7 +635,7 @@ mod tests {
         let config = load(MINIMAL, &[]).unwrap();
         assert_eq!(config.scoring.batch_size, 32);
         assert_eq!(config.output.format, Format::Protobuf);
-        assert_eq!(config.window.user_ttl, Duration::from_secs(30 * 86_400));
+        assert_eq!(config.window.user_ttl, None);
     }
 
     #[test]

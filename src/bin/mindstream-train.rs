@@ -66,15 +66,26 @@ fn main() -> ExitCode {
             run_import(source, &input, &output, limit)
         }
         Command::Build { data, out, lm_steps, seed, max_train, max_eval } => {
-            let options =
-                BuildOptions { data, out, lm_steps, seed, max_train, max_eval, ..Default::default() };
+            let options = BuildOptions {
+                data,
+                out,
+                lm_steps,
+                seed,
+                max_train,
+                max_eval,
+                ..Default::default()
+            };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             match build::build(&options, &command) {
                 Ok(card) => {
                     for row in &card.evaluation {
                         println!(
                             "{:<18} {:<11} test n={:<6} AUC {:.4}  baseline {:.4} ({})",
-                            row.signal, row.dataset, row.examples, row.auc, row.baseline_auc,
+                            row.signal,
+                            row.dataset,
+                            row.examples,
+                            row.auc,
+                            row.baseline_auc,
                             row.baseline
                         );
                     }

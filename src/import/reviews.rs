@@ -25,7 +25,8 @@ fn review(user: String, item: &str, text: String, rating: Option<u8>, language: 
     Event {
         event_id: format!("{user}-review"),
         user_id: user,
-        event_time_ms: 0,
+        // Replaced by `space_in_time`; set here so that validation sees a real time.
+        event_time_ms: REVIEW_EPOCH_MS,
         opt_out: false,
         body: EventBody::Review(Review {
             item_id: item.into(),

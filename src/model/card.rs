@@ -28,6 +28,8 @@ pub struct ModelCard {
     pub max_tokens: usize,
     /// Window shape used in training; the processor's default.
     pub window: WindowSpec,
+    /// Idle time after which a user's state restarts, as in training; the processor's default.
+    pub user_ttl_ms: i64,
     /// Outputs of the heads, in column order of the `scores` output.
     pub signals: Vec<SignalSpec>,
     /// Signals derived by rule from the model's outputs and the window.

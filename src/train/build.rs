@@ -141,13 +141,12 @@ pub fn load_data_sets(options: &BuildOptions) -> Result<Vec<DataSet>, BuildError
     let spec = state_spec();
     let mut sets = Vec::new();
 
-    let events = import::taobao(&paths.taobao)?;
+    let events = import::events(import::Source::Taobao, &paths.taobao)?;
     let plan = plan_for(&events, catalog::CLICK_HORIZON_MS);
-    let examples =
-        dataset::examples(&events, &spec, &catalog::click_labellers(), OUTPUTS, &plan);
+    let examples = dataset::examples(&events, &spec, &catalog::click_labellers(), OUTPUTS, &plan);
     sets.push(data_set("taobao", &paths.taobao, TAOBAO_TERMS, events.len(), examples, options));
 
-    let events = import::cdnow(&paths.cdnow)?;
+    let events = import::events(import::Source::Cdnow, &paths.cdnow)?;
     let plan = plan_for(&events, catalog::PRICE_HORIZON_MS);
     let median = catalog::median_unit_price(&events, plan.validation_start_ms)
         .ok_or_else(|| BuildError::Step { step: "cdnow", message: "no priced buys".into() })?;
@@ -155,10 +154,9 @@ pub fn load_data_sets(options: &BuildOptions) -> Result<Vec<DataSet>, BuildError
     let examples = dataset::examples(&events, &spec, &labellers, OUTPUTS, &plan);
     sets.push(data_set("cdnow", &paths.cdnow, CDNOW_TERMS, events.len(), examples, options));
 
-    for (name, path, terms) in [
-        ("reviews-zh", &paths.reviews_zh, ZH_TERMS),
-        ("reviews-en", &paths.reviews_en, EN_TERMS),
-    ] {
+    for (name, path, terms) in
+        [("reviews-zh", &paths.reviews_zh, ZH_TERMS), ("reviews-en", &paths.reviews_en, EN_TERMS)]
+    {
         let reviews = if name == "reviews-zh" {
             import::reviews_zh(path)?
         } else {
@@ -194,7 +192,8 @@ fn data_set(
     let mut kept = Vec::with_capacity(examples.len());
     for split in [Split::Train, Split::Validation, Split::Test] {
         let cap = if split == Split::Train { options.max_train } else { options.max_eval };
-        let mut part: Vec<Example> = examples.iter().filter(|e| e.split == split).cloned().collect();
+        let mut part: Vec<Example> =
+            examples.iter().filter(|e| e.split == split).cloned().collect();
         part.shuffle(&mut rng);
         part.truncate(cap);
         kept.extend(part);
@@ -213,8 +212,9 @@ fn data_set(
 /// Trains the tokenizer on the training windows and tokenizes every example.
 pub fn tokenize(sets: &mut [DataSet], options: &BuildOptions) -> Result<TextTokenizer, BuildError> {
     let texts = sets.iter().flat_map(|set| {
-        set.split(Split::Train)
-            .map(move |i| set.examples[i].segments.iter().map(|s| s.text.as_str()).collect::<String>())
+        set.split(Split::Train).map(move |i| {
+            set.examples[i].segments.iter().map(|s| s.text.as_str()).collect::<String>()
+        })
     });
     let texts: Vec<String> = texts.collect();
     let trained = crate::train::bpe::train(texts.iter(), options.vocab_size)
@@ -246,7 +246,10 @@ const EN_TERMS: &str = "Women's E-Commerce Clothing Reviews from one anonymised 
 
 /// Runs every step and writes `model.onnx`, `tokenizer.json` and `model.json` to
 /// `options.out`.
-pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card::ModelCard, BuildError> {
+pub fn build(
+    options: &BuildOptions,
+    command: &str,
+) -> Result<crate::model::card::ModelCard, BuildError> {
     use crate::model::card::{Backbone, ModelCard, Training, CARD_VERSION};
     use crate::train::export::{export_onnx, ExportMeta};
     use crate::train::fit;
@@ -259,16 +262,27 @@ pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card
     let mut sets = load_data_sets(options)?;
     for set in &sets {
         let count = |split| set.split(split).count();
-        tracing::info!(set = set.name, rows = set.rows, train = count(Split::Train),
-            validation = count(Split::Validation), test = count(Split::Test), "examples");
+        tracing::info!(
+            set = set.name,
+            rows = set.rows,
+            train = count(Split::Train),
+            validation = count(Split::Validation),
+            test = count(Split::Test),
+            "examples"
+        );
     }
     let tokenizer = tokenize(&mut sets, options)?;
     let vocab_size = tokenizer.vocab_size();
     tracing::info!(vocab_size, "tokenizer trained");
 
     let (model, lm) = fit::train_language_model(&sets, vocab_size, options)?;
-    tracing::info!(final_loss = lm.final_loss, validation_loss = lm.validation_loss,
-        tokens = lm.tokens, seconds = lm.seconds, "language model trained");
+    tracing::info!(
+        final_loss = lm.final_loss,
+        validation_loss = lm.validation_loss,
+        tokens = lm.tokens,
+        seconds = lm.seconds,
+        "language model trained"
+    );
 
     let backbone = options.out.join("backbone.onnx");
     let meta = ExportMeta { model_version: "backbone".into(), signals: Vec::new() };
@@ -278,7 +292,12 @@ pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card
     let mut features = Vec::with_capacity(sets.len());
     for set in &sets {
         let pooled = crate::train::features::pooled(
-            &backbone, &set.tokens, options.n_embd, options.threads, 64, &progress,
+            &backbone,
+            &set.tokens,
+            options.n_embd,
+            options.threads,
+            64,
+            &progress,
         )
         .map_err(|e| step_err("features")(e.to_string()))?;
         features.push(pooled);
@@ -317,7 +336,7 @@ pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card
     fact("peak_learning_rate", options.lr.into());
     fact("seed", options.seed.into());
     for (k, v) in head_facts {
-        fact(&k, (( v * 10_000.0).round() / 10_000.0).into());
+        fact(&k, ((v * 10_000.0).round() / 10_000.0).into());
     }
     let data = sets
         .iter()
@@ -341,6 +360,7 @@ pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card
         render_version: crate::render::RENDER_VERSION,
         max_tokens: options.max_tokens,
         window: state_spec().window,
+        user_ttl_ms: state_spec().user_ttl_ms,
         signals,
         derived: catalog::derived_signals(),
         heads: None,
@@ -357,7 +377,8 @@ pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card
         evaluation: Vec::new(),
     };
     let card_path = options.out.join(crate::model::CARD_FILE);
-    card.save(&card_path).map_err(|source| BuildError::Write { path: card_path.clone(), source })?;
+    card.save(&card_path)
+        .map_err(|source| BuildError::Write { path: card_path.clone(), source })?;
 
     let model_config = crate::config::ModelConfig {
         dir: options.out.clone(),
@@ -376,7 +397,7 @@ pub fn build(options: &BuildOptions, command: &str) -> Result<crate::model::card
 
 fn sha256_file(path: &Path) -> Result<String, BuildError> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path)
-        .map_err(|source| BuildError::Write { path: path.into(), source })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| BuildError::Write { path: path.into(), source })?;
     Ok(hex::encode(Sha256::digest(&bytes)))
 }

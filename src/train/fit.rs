@@ -222,7 +222,8 @@ fn baseline(sets: &[DataSet], signal: usize) -> (String, Vec<((usize, usize), f3
         let scores = test.iter().map(|&(s, i, _)| ((s, i), score(s, i))).collect();
         return ("logistic regression on a hashed bag of tokens".into(), scores);
     }
-    let x: Vec<Vec<f32>> = train.iter().map(|&(s, i, _)| sets[s].examples[i].counts.clone()).collect();
+    let x: Vec<Vec<f32>> =
+        train.iter().map(|&(s, i, _)| sets[s].examples[i].counts.clone()).collect();
     let fitted = linear::fit(&x, &y, 1.0);
     let scores = test
         .iter()
@@ -283,7 +284,8 @@ fn score_rows(
     let outputs = scorer.outputs();
     let mut scores = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch) {
-        let inputs: Vec<&[u32]> = chunk.iter().map(|&(s, i, _)| sets[s].tokens[i].as_slice()).collect();
+        let inputs: Vec<&[u32]> =
+            chunk.iter().map(|&(s, i, _)| sets[s].tokens[i].as_slice()).collect();
         let flat = scorer
             .score(&inputs)
             .map_err(|e| BuildError::Step { step: "evaluation", message: e.to_string() })?;

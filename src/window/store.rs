@@ -44,19 +44,23 @@ impl StoreConfig {
         if let Some(span) = config.window.span {
             window.span_ms = span.as_millis() as i64;
         }
-        if window != card.window {
+        let user_ttl_ms =
+            config.window.user_ttl.map_or(card.user_ttl_ms, |ttl| ttl.as_millis() as i64);
+        if window != card.window || user_ttl_ms != card.user_ttl_ms {
             tracing::warn!(
                 configured_max_events = window.max_events,
                 configured_span_ms = window.span_ms,
                 trained_max_events = card.window.max_events,
                 trained_span_ms = card.window.span_ms,
+                configured_user_ttl_ms = user_ttl_ms,
+                trained_user_ttl_ms = card.user_ttl_ms,
                 "window differs from the one the model was trained with"
             );
         }
         StoreConfig {
             state: StateSpec {
                 window,
-                user_ttl_ms: config.window.user_ttl.as_millis() as i64,
+                user_ttl_ms,
                 interest_half_life_ms: config.interests.half_life.as_millis() as i64,
                 interests_tracked: config.interests.tracked,
             },
