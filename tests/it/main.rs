@@ -1,0 +1,6 @@
+//! Integration tests: the real binaries against a real Kafka-protocol broker (Tansu), the
+//! shipped model, and real public data.
+
+mod cli;
+mod kafka_path;
+mod support;
