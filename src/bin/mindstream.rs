@@ -178,9 +178,12 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
                 return Err(cli::report(&err, EXIT_FAILURE));
             }
         }
-        pipeline::run(config, model, key, health, options)
-            .await
-            .map_err(|err| cli::report(&err, EXIT_FAILURE))
+        // On a worker thread: the pipeline makes short blocking broker queries in place.
+        let pipeline = tokio::spawn(pipeline::run(config, model, key, health, options));
+        match pipeline.await {
+            Ok(result) => result.map_err(|err| cli::report(&err, EXIT_FAILURE)),
+            Err(err) => Err(cli::report(&err, EXIT_FAILURE)),
+        }
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,

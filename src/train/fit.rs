@@ -98,6 +98,14 @@ pub fn train_language_model(
         let rate = facts.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         progress.set_message(format!("loss {ema:.3}, {rate:.0} tokens/s"));
         progress.inc(1);
+        if (step + 1) % (options.lm_steps / 10).max(1) == 0 {
+            tracing::info!(
+                step = step + 1,
+                loss = ema,
+                tokens_per_second = rate.round(),
+                "language model training"
+            );
+        }
     }
     progress.finish();
     facts.steps = options.lm_steps;
