@@ -30,7 +30,8 @@ pub struct BuildOptions {
     pub n_head: usize,
     pub max_tokens: usize,
     pub lm_steps: usize,
-    pub lm_batch: usize,
+    /// Padded tokens per language-model batch.
+    pub lm_batch_tokens: usize,
     pub lr: f64,
     /// Most training examples kept per data set.
     pub max_train: usize,
@@ -50,8 +51,8 @@ impl Default for BuildOptions {
             n_layer: 2,
             n_head: 4,
             max_tokens: 256,
-            lm_steps: 1500,
-            lm_batch: 16,
+            lm_steps: 1200,
+            lm_batch_tokens: 2048,
             lr: 3e-3,
             max_train: 40_000,
             max_eval: 10_000,
@@ -327,7 +328,7 @@ pub fn build(
         facts.insert(k.into(), v);
     };
     fact("lm_steps", lm.steps.into());
-    fact("lm_batch", options.lm_batch.into());
+    fact("lm_batch_tokens", options.lm_batch_tokens.into());
     fact("lm_tokens", lm.tokens.into());
     fact("lm_first_loss", f64::from(lm.first_loss).into());
     fact("lm_final_train_loss", f64::from(lm.final_loss).into());

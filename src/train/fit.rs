@@ -72,23 +72,20 @@ pub fn train_language_model(
     };
     let mut trainer = LmTrainer::new(model, schedule).map_err(lm_err)?;
 
-    let mut corpus = sequences(sets, Split::Train);
+    let corpus = sequences(sets, Split::Train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
-    corpus.shuffle(&mut rng);
+    let mut batches = token_batches(&corpus, options.lm_batch_tokens);
     let progress = bar(options.lm_steps as u64, "language model");
     let started = Instant::now();
     let mut facts = LmFacts::default();
     let mut smoothed = None;
-    let mut cursor = 0;
     for step in 0..options.lm_steps {
-        if cursor + options.lm_batch > corpus.len() {
-            corpus.shuffle(&mut rng);
-            cursor = 0;
+        if step % batches.len().max(1) == 0 {
+            batches.shuffle(&mut rng);
         }
-        let rows = &corpus[cursor..cursor + options.lm_batch.min(corpus.len())];
-        cursor += rows.len();
+        let rows: Vec<&[u32]> = batches[step % batches.len()].iter().map(|&i| corpus[i]).collect();
         facts.tokens += rows.iter().map(|r| r.len()).sum::<usize>();
-        let (ids, mask) = batch_tensors(rows)?;
+        let (ids, mask) = batch_tensors(&rows)?;
         let loss = trainer.step(&ids, &mask).map_err(lm_err)?;
         if step == 0 {
             facts.first_loss = loss;
@@ -112,17 +109,40 @@ pub fn train_language_model(
     facts.final_loss = smoothed.unwrap_or(f32::NAN);
     facts.seconds = started.elapsed().as_secs_f64();
     let model = trainer.into_model();
-    facts.validation_loss = validation_loss(&model, sets, options.lm_batch)?;
+    facts.validation_loss = validation_loss(&model, sets, options.lm_batch_tokens)?;
     Ok((model, facts))
 }
 
+/// Batches of sequences of similar length, each within `budget` padded tokens, so that a step
+/// costs about the same whatever it holds and little goes to padding.
+fn token_batches(corpus: &[&[u32]], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..corpus.len()).collect();
+    order.sort_by_key(|&i| corpus[i].len());
+    let mut batches = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for index in order {
+        let longest = corpus[index].len();
+        if !current.is_empty() && (current.len() + 1) * longest > budget {
+            batches.push(std::mem::take(&mut current));
+        }
+        current.push(index);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
 /// Mean LM loss over up to 50 validation batches.
-fn validation_loss(model: &Gpt2, sets: &[DataSet], batch: usize) -> Result<f32, BuildError> {
+fn validation_loss(model: &Gpt2, sets: &[DataSet], budget: usize) -> Result<f32, BuildError> {
     let held_out = sequences(sets, Split::Validation);
+    let batches = token_batches(&held_out, budget);
+    let step = (batches.len() / 50).max(1);
     let mut total = 0.0;
     let mut count = 0;
-    for rows in held_out.chunks(batch).take(50) {
-        let (ids, mask) = batch_tensors(rows)?;
+    for batch in batches.iter().step_by(step).take(50) {
+        let rows: Vec<&[u32]> = batch.iter().map(|&i| held_out[i]).collect();
+        let (ids, mask) = batch_tensors(&rows)?;
         let loss = model.lm_loss(&ids, &mask).map_err(lm_err)?;
         total += loss.to_scalar::<f32>().map_err(lm_err)?;
         count += 1;
