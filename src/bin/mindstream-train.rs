@@ -53,6 +53,9 @@ enum Command {
         /// Most validation and test examples per data set.
         #[arg(long, default_value_t = BuildOptions::default().max_eval)]
         max_eval: usize,
+        /// Fine-tuning steps on the signal labels (0: heads on the language model only).
+        #[arg(long, default_value_t = BuildOptions::default().finetune_steps)]
+        finetune_steps: usize,
     },
 }
 
@@ -65,7 +68,7 @@ fn main() -> ExitCode {
         Command::Import { source, input, output, limit } => {
             run_import(source, &input, &output, limit)
         }
-        Command::Build { data, out, lm_steps, seed, max_train, max_eval } => {
+        Command::Build { data, out, lm_steps, seed, max_train, max_eval, finetune_steps } => {
             let options = BuildOptions {
                 data,
                 out,
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
                 seed,
                 max_train,
                 max_eval,
+                finetune_steps,
                 ..Default::default()
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -30,8 +30,11 @@ pub struct BuildOptions {
     pub n_head: usize,
     pub max_tokens: usize,
     pub lm_steps: usize,
-    /// Padded tokens per language-model batch.
+    /// Padded tokens per language-model and fine-tuning batch.
     pub lm_batch_tokens: usize,
+    /// Fine-tuning steps on the signal labels after the language model (0: none).
+    pub finetune_steps: usize,
+    pub finetune_lr: f64,
     pub lr: f64,
     /// Most training examples kept per data set.
     pub max_train: usize,
@@ -53,6 +56,8 @@ impl Default for BuildOptions {
             max_tokens: 256,
             lm_steps: 1200,
             lm_batch_tokens: 2048,
+            finetune_steps: 800,
+            finetune_lr: 1e-3,
             lr: 3e-3,
             max_train: 40_000,
             max_eval: 10_000,
@@ -285,6 +290,15 @@ pub fn build(
         "language model trained"
     );
 
+    let tuned = crate::train::finetune::fine_tune(&model, &sets, options)?;
+    tracing::info!(
+        first_loss = tuned.first_loss,
+        final_loss = tuned.final_loss,
+        steps = tuned.steps,
+        seconds = tuned.seconds,
+        "fine-tuned on the signal labels"
+    );
+
     let backbone = options.out.join("backbone.onnx");
     let meta = ExportMeta { model_version: "backbone".into(), signals: Vec::new() };
     export_onnx(&model, None, &backbone, &meta).map_err(|e| step_err("export")(e.to_string()))?;
@@ -335,6 +349,10 @@ pub fn build(
     fact("lm_validation_loss", f64::from(lm.validation_loss).into());
     fact("lm_seconds", lm.seconds.round().into());
     fact("peak_learning_rate", options.lr.into());
+    fact("finetune_steps", tuned.steps.into());
+    fact("finetune_first_loss", f64::from(tuned.first_loss).into());
+    fact("finetune_final_loss", f64::from(tuned.final_loss).into());
+    fact("finetune_seconds", tuned.seconds.round().into());
     fact("seed", options.seed.into());
     for (k, v) in head_facts {
         fact(&k, ((v * 10_000.0).round() / 10_000.0).into());

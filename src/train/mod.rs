@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod dataset;
 pub mod export;
 pub mod features;
+pub mod finetune;
 pub mod fit;
 pub mod gpt2;
 pub mod linear;
