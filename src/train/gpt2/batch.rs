@@ -112,7 +112,7 @@ pub(super) fn mask_lengths(attention_mask: &Tensor) -> Result<Vec<usize>> {
 }
 
 /// Lengths of right-padded 0/1 mask rows, rejecting other values and holes.
-pub(super) fn row_lengths<T: Copy + PartialEq>(
+fn row_lengths<T: Copy + PartialEq>(
     values: &[T],
     batch: usize,
     seq: usize,

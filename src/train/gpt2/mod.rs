@@ -8,9 +8,11 @@
 //!
 //! # The model contract
 //!
-//! Everything below is reproduced exactly by the exported ONNX graph and by the plain-Rust
-//! helpers [`pool_f32`] and [`Heads::apply_f32`], so the processor scores a window the same
-//! way whether the heads live inside the graph or in the model card.
+//! Everything below is reproduced exactly by the exported ONNX graph, and for every row with
+//! a real token by the processor's plain-Rust [`crate::model::heads::pool`] and
+//! [`crate::model::heads::apply`] (the heads in the card's form, `HeadWeights::from(&heads)`),
+//! so the processor scores a window the same way whether the heads live inside the graph or
+//! in the model card.
 //!
 //! - **Inputs.** `input_ids` and `attention_mask`, both `[batch, seq]`. Mask entries are 0 or 1
 //!   and each row is padded on the right: a row is `len` ones followed by zeros.
@@ -26,7 +28,7 @@
 //!   `h_last` is the hidden state at index `max(sum(mask) - 1, 0)` of the row (its last real
 //!   token); `h_mean` is the sum of the hidden states at real tokens divided by
 //!   `max(sum(mask), 1)`. A row with no real token therefore pools to the state at index 0
-//!   and a zero mean.
+//!   and a zero mean (the processor's plain-Rust pooling gives all zeros for such a row).
 //! - **Heads.** `K` logistic heads: `scores = sigmoid(pooled · weightᵀ + bias)` with
 //!   `weight` `[K, 2 * n_embd]` and `bias` `[K]`; `scores` is `[batch, K]`, head order is the
 //!   signal order of the model card.
@@ -67,7 +69,7 @@ use candle_core::DType;
 
 pub use config::Gpt2Config;
 pub use model::Gpt2;
-pub use pool::{pool, pool_f32, Heads};
+pub use pool::{pool, Heads};
 pub use trainer::{LmTrainConfig, LmTrainer, LrDecay};
 
 /// Added to an attention logit once for each reason its key is hidden (future, padded).

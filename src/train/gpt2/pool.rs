@@ -6,9 +6,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::batch::{mask_lengths, row_lengths};
+use super::batch::mask_lengths;
 use super::model::{normal_values, INIT_STD};
 use super::{Gpt2Error, Result};
+use crate::model::card::HeadWeights;
 
 /// Pools hidden states `[b, s, d]` into `[b, 2 * d]`: `concat(h_last, h_mean)` as the
 /// [`gpt2`](super) module docs define. Differentiable, so heads and backbone can train through
@@ -42,44 +43,6 @@ pub fn pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
     let counts = Tensor::from_vec(counts, (b, 1), device)?;
     let h_mean = hidden.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&counts)?;
     Ok(Tensor::cat(&[h_last, h_mean], 1)?)
-}
-
-/// [`pool`] over plain slices, for the processor when the graph outputs only
-/// `last_hidden_state`: `hidden` is `[batch, seq, n_embd]` row-major, `mask` `[batch, seq]`.
-/// Returns `[batch, 2 * n_embd]` row-major.
-pub fn pool_f32(
-    hidden: &[f32],
-    batch: usize,
-    seq: usize,
-    n_embd: usize,
-    mask: &[i64],
-) -> Result<Vec<f32>> {
-    if seq == 0 {
-        let expected = "seq positive";
-        return Err(Gpt2Error::BatchShape {
-            what: "attention_mask",
-            expected,
-            found: vec![batch, 0],
-        });
-    }
-    check_len("hidden", hidden.len(), batch * seq * n_embd)?;
-    check_len("attention_mask", mask.len(), batch * seq)?;
-    let lengths = row_lengths(mask, batch, seq, 0, 1)?;
-
-    let mut pooled = vec![0.0f32; batch * 2 * n_embd];
-    for (r, &len) in lengths.iter().enumerate() {
-        let row = &hidden[r * seq * n_embd..(r + 1) * seq * n_embd];
-        let out = &mut pooled[r * 2 * n_embd..(r + 1) * 2 * n_embd];
-        let (last_out, mean_out) = out.split_at_mut(n_embd);
-        let last = len.saturating_sub(1);
-        last_out.copy_from_slice(&row[last * n_embd..(last + 1) * n_embd]);
-        for token in row.chunks_exact(n_embd).take(len) {
-            mean_out.iter_mut().zip(token).for_each(|(m, &h)| *m += h);
-        }
-        let count = len.max(1) as f32;
-        mean_out.iter_mut().for_each(|m| *m /= count);
-    }
-    Ok(pooled)
 }
 
 fn check_len(what: &'static str, found: usize, expected: usize) -> Result<()> {
@@ -129,6 +92,15 @@ impl From<Heads> for HeadsRepr {
     fn from(heads: Heads) -> Self {
         let weight = heads.weight.chunks(heads.dim).map(<[f32]>::to_vec).collect();
         Self { weight, bias: heads.bias }
+    }
+}
+
+/// The model card's form of the heads, for [`crate::model::heads::apply`]: one weight row
+/// per head.
+impl From<&Heads> for HeadWeights {
+    fn from(heads: &Heads) -> Self {
+        let weight = heads.weight.chunks(heads.dim).map(<[f32]>::to_vec).collect();
+        Self { weight, bias: heads.bias.clone() }
     }
 }
 
@@ -188,29 +160,6 @@ impl Heads {
         let logits = pooled.matmul(&weight.t()?)?.broadcast_add(&bias)?;
         Ok(candle_nn::ops::sigmoid(&logits)?)
     }
-
-    /// [`Heads::apply`] over plain slices: `pooled [batch, dim]` to `[batch, K]` row-major.
-    pub fn apply_f32(&self, pooled: &[f32], batch: usize) -> Result<Vec<f32>> {
-        check_len("pooled", pooled.len(), batch * self.dim)?;
-        let mut scores = Vec::with_capacity(batch * self.k());
-        for features in pooled.chunks_exact(self.dim) {
-            for (row, &bias) in self.weight.chunks_exact(self.dim).zip(&self.bias) {
-                let dot: f32 = row.iter().zip(features).map(|(w, x)| w * x).sum();
-                scores.push(sigmoid(dot + bias));
-            }
-        }
-        Ok(scores)
-    }
-}
-
-/// A logistic function that neither overflows nor loses small values for large `|z|`.
-fn sigmoid(z: f32) -> f32 {
-    if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        let e = z.exp();
-        e / (1.0 + e)
-    }
 }
 
 #[cfg(test)]
@@ -225,32 +174,38 @@ mod tests {
         let (b, s, d) = (3, 4, 2);
         let hidden: Vec<f32> = (0..b * s * d).map(|i| i as f32).collect();
         let mask: Vec<i64> = vec![1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0];
-        let pooled = pool_f32(&hidden, b, s, d, &mask).unwrap();
         #[rustfmt::skip]
         let expected = vec![
             4.0, 5.0, 2.0, 3.0,     // row 0: token 2 last, mean of tokens 0..3
             14.0, 15.0, 11.0, 12.0, // row 1: full row
             16.0, 17.0, 0.0, 0.0,   // row 2: no real token
         ];
-        assert_eq!(pooled, expected);
-
         let device = Device::Cpu;
-        let hidden_t = Tensor::from_vec(hidden, (b, s, d), &device).unwrap();
+        let hidden_t = Tensor::from_vec(hidden.clone(), (b, s, d), &device).unwrap();
         let mask_t = Tensor::from_vec(mask.clone(), (b, s), &device).unwrap();
         assert_eq!(to_vec(&pool(&hidden_t, &mask_t).unwrap()), expected);
 
-        let holey = vec![1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0];
-        let err = pool_f32(&vec![0.0; b * s * d], b, s, d, &holey).unwrap_err();
+        // The processor's plain-Rust pooling agrees on rows with a real token; on a row with
+        // none it gives zeros rather than the state at index 0, so row 2 is left out.
+        let processor = crate::model::heads::pool(&hidden, b, s, d, &mask);
+        assert_eq!(processor[..2 * 2 * d], expected[..2 * 2 * d]);
+
+        let holey = vec![1i64, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0];
+        let holey = Tensor::from_vec(holey, (b, s), &device).unwrap();
+        let err = pool(&hidden_t, &holey).unwrap_err();
         assert!(matches!(err, Gpt2Error::MaskNotRightPadded { row: 0 }), "{err}");
-        let err = pool_f32(&[0.0; 3], b, s, d, &mask).unwrap_err();
-        assert!(matches!(err, Gpt2Error::SliceLength { .. }), "{err}");
+        let short = Tensor::from_vec(vec![1i64; b * (s - 1)], (b, s - 1), &device).unwrap();
+        let err = pool(&hidden_t, &short).unwrap_err();
+        assert!(matches!(err, Gpt2Error::BatchShape { what: "attention_mask", .. }), "{err}");
     }
 
     #[test]
     fn heads_apply_the_same_in_candle_and_in_plain_rust() {
         let heads = Heads::new(3, vec![1.0, -2.0, 0.5, 0.0, 0.0, 100.0], vec![0.1, -0.2]).unwrap();
         let pooled = vec![0.3, 0.1, -0.4, 2.0, -1.0, 1.0];
-        let plain = heads.apply_f32(&pooled, 2).unwrap();
+        let card = HeadWeights::from(&heads);
+        assert_eq!(card.weight, [vec![1.0, -2.0, 0.5], vec![0.0, 0.0, 100.0]]);
+        let plain = crate::model::heads::apply(&card, &pooled, 2);
         let tensor = Tensor::from_vec(pooled.clone(), (2, 3), &Device::Cpu).unwrap();
         let candle = to_vec(&heads.apply(&tensor).unwrap());
         assert!(max_abs_diff(&plain, &candle) < 1e-6, "{plain:?} vs {candle:?}");
