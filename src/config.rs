@@ -208,7 +208,7 @@ pub struct PrivacyConfig {
     pub pseudonym_key_env: String,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz` and `/readyz`; absent turns the server off.
@@ -376,12 +376,6 @@ impl Default for InterestsConfig {
 impl Default for PrivacyConfig {
     fn default() -> Self {
         PrivacyConfig { pseudonym_key_file: None, pseudonym_key_env: default_key_env() }
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig { listen: None }
     }
 }
 

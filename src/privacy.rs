@@ -143,7 +143,7 @@ pub fn luhn_ok(s: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// GB 11643-1999 check character of an 18-character resident id number.

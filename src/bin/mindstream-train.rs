@@ -1,7 +1,7 @@
 //! `mindstream-train`: turns public e-commerce history into the model `mindstream` runs.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_import(source: Source, input: &PathBuf, output: &PathBuf, limit: Option<usize>) -> ExitCode {
+fn run_import(source: Source, input: &Path, output: &Path, limit: Option<usize>) -> ExitCode {
     let mut events = match import::events(source, input) {
         Ok(events) => events,
         Err(err) => return cli::report(&err, EXIT_FAILURE),

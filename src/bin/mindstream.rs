@@ -1,6 +1,6 @@
 //! `mindstream`: the stream processor and its operational subcommands.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,7 +191,7 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
     }
 }
 
-fn score(config: &Config, input: &PathBuf, output: &PathBuf, rejects: Option<PathBuf>) -> ExitCode {
+fn score(config: &Config, input: &Path, output: &Path, rejects: Option<PathBuf>) -> ExitCode {
     let (model, key) = match load_model_and_key(config) {
         Ok(loaded) => loaded,
         Err(code) => return code,

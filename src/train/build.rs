@@ -1,11 +1,13 @@
 //! `mindstream-train build`: the whole path from the public data sets to a model folder.
 //!
-//! 1. import the data sets into events; 2. point-in-time examples with time splits;
-//! 3. train a byte-level BPE tokenizer on training windows; 4. train a small GPT-2 on the
-//! next-token objective over training windows; 5. export the backbone and compute frozen
-//! features with ONNX Runtime; 6. fit one logistic head per signal on the training split;
+//! 1. import the data sets into events;
+//! 2. point-in-time examples with time splits;
+//! 3. train a byte-level BPE tokenizer on training windows;
+//! 4. train a small GPT-2 on the next-token objective over training windows;
+//! 5. export the backbone and compute frozen features with ONNX Runtime;
+//! 6. fit one logistic head per signal on the training split;
 //! 7. export the graph with the heads, write the card, and evaluate the shipped file against
-//! baselines fitted on the same examples.
+//!    baselines fitted on the same examples.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -229,9 +229,12 @@ fn bag(tokens: &[u32]) -> Vec<(u32, f32)> {
     counts.into_iter().map(|(j, c)| (j, c.ln_1p())).collect()
 }
 
+/// Scores keyed by `(data set, example)` index, like the rows of [`labelled`].
+type KeyedScores = Vec<((usize, usize), f32)>;
+
 /// Scores of a baseline for every test example of `signal`, keyed like [`labelled`]; the
 /// baseline is a logistic regression on window counts, or on a bag of tokens for sentiment.
-fn baseline(sets: &[DataSet], signal: usize) -> (String, Vec<((usize, usize), f32)>) {
+fn baseline(sets: &[DataSet], signal: usize) -> (String, KeyedScores) {
     let train = labelled(sets, signal, Split::Train);
     let test = labelled(sets, signal, Split::Test);
     let y: Vec<bool> = train.iter().map(|r| r.2).collect();

@@ -1,0 +1,174 @@
+//! The backbone's nodes: the tensors every layer shares (float mask, causal and padded-key
+//! attention bias, sequence range), the embeddings with in-graph positions, and each pre-norm
+//! transformer block (layer norm, attention, Conv1D, `gelu_new`) up to `ln_f`.
+
+use onnx_protobuf::tensor_proto::DataType;
+
+use super::graph::{attr_float, attr_int, attr_ints, GraphBuilder};
+use super::{ExportError, ATTENTION_MASK, INPUT_IDS};
+use crate::train::gpt2::{Gpt2, MASK_BIAS};
+
+/// Tensors shared by every layer: float mask, attention bias and the sequence range.
+pub(super) struct Shared {
+    pub(super) mask_f: String,
+    pub(super) bias: String,
+    pub(super) range: String,
+}
+
+/// Embeddings and blocks up to `ln_f`; returns the hidden states and the shared tensors.
+pub(super) fn backbone(
+    g: &mut GraphBuilder,
+    model: &Gpt2,
+) -> Result<(String, Shared), ExportError> {
+    g.input_i64(INPUT_IDS);
+    g.input_i64(ATTENTION_MASK);
+    let shared = shared(g);
+
+    let cumsum = g.op("CumSum", &[ATTENTION_MASK, "const.one_i64"], vec![]);
+    let shifted = g.op("Sub", &[&cumsum, "const.one_i64"], vec![]);
+    let positions = g.op("Max", &[&shifted, "const.zero_i64"], vec![]);
+
+    let wte = g.weight(model, "wte.weight")?;
+    let wpe = g.weight(model, "wpe.weight")?;
+    let tokens = g.op("Gather", &[&wte, INPUT_IDS], vec![]);
+    let placed = g.op("Gather", &[&wpe, &positions], vec![]);
+    let mut x = g.op("Add", &[&tokens, &placed], vec![]);
+
+    for layer in 0..model.config().n_layer {
+        x = block(g, model, layer, &x, &shared)?;
+    }
+    let hidden = layer_norm(g, model, "ln_f", &x)?;
+    Ok((hidden, shared))
+}
+
+/// The float mask, the `[b, 1, s, s]` attention bias and `range = [0, 1, ..., s - 1]`.
+fn shared(g: &mut GraphBuilder) -> Shared {
+    g.scalar_i64("const.zero_i64", 0);
+    g.scalar_i64("const.one_i64", 1);
+    g.scalar_f32("const.zero_f32", 0.0);
+    g.scalar_f32("const.one_f32", 1.0);
+    g.scalar_f32("const.mask_bias", MASK_BIAS);
+    g.vector_i64("const.axes_0", &[0]);
+    g.vector_i64("const.axes_1", &[1]);
+    g.vector_i64("const.axes_2", &[2]);
+    g.vector_i64("const.axes_1_2", &[1, 2]);
+
+    let to_float = vec![attr_int("to", DataType::FLOAT as i64)];
+    let mask_f = g.op("Cast", &[ATTENTION_MASK], to_float);
+    let seq = g.op("Shape", &[INPUT_IDS], vec![attr_int("start", 1), attr_int("end", 2)]);
+    let seq = g.op("Squeeze", &[&seq], vec![]);
+    let range = g.op("Range", &["const.zero_i64", &seq, "const.one_i64"], vec![]);
+
+    let queries = g.op("Unsqueeze", &[&range, "const.axes_1"], vec![]);
+    let keys = g.op("Unsqueeze", &[&range, "const.axes_0"], vec![]);
+    let future = g.op("Greater", &[&keys, &queries], vec![]);
+    let future = g.op("Where", &[&future, "const.mask_bias", "const.zero_f32"], vec![]);
+
+    let padded = g.op("Sub", &["const.one_f32", &mask_f], vec![]);
+    let padded = g.op("Mul", &[&padded, "const.mask_bias"], vec![]);
+    let padded = g.op("Unsqueeze", &[&padded, "const.axes_1_2"], vec![]);
+    let bias = g.op("Add", &[&future, &padded], vec![]);
+    Shared { mask_f, bias, range }
+}
+
+/// One pre-norm transformer block over `x [b, s, d]`.
+fn block(
+    g: &mut GraphBuilder,
+    model: &Gpt2,
+    layer: usize,
+    x: &str,
+    shared: &Shared,
+) -> Result<String, ExportError> {
+    let prefix = format!("h.{layer}");
+    let normed = layer_norm(g, model, &format!("{prefix}.ln_1"), x)?;
+    let attended = attention(g, model, &prefix, &normed, &shared.bias)?;
+    let x = g.op("Add", &[x, &attended], vec![]);
+
+    let normed = layer_norm(g, model, &format!("{prefix}.ln_2"), &x)?;
+    let hidden = conv1d(g, model, &format!("{prefix}.mlp.c_fc"), &normed)?;
+    let hidden = gelu_new(g, &hidden);
+    let mlp = conv1d(g, model, &format!("{prefix}.mlp.c_proj"), &hidden)?;
+    Ok(g.op("Add", &[&x, &mlp], vec![]))
+}
+
+/// Causal self-attention with the shared additive bias.
+fn attention(
+    g: &mut GraphBuilder,
+    model: &Gpt2,
+    prefix: &str,
+    x: &str,
+    bias: &str,
+) -> Result<String, ExportError> {
+    let config = model.config();
+    let (d, heads, head_dim) = (config.n_embd, config.n_head, config.head_dim());
+    let qkv = conv1d(g, model, &format!("{prefix}.attn.c_attn"), x)?;
+    let split = g.vector_i64(&format!("{prefix}.attn.split"), &[d as i64; 3]);
+    let [q, k, v] = g.op3("Split", &[&qkv, &split], vec![attr_int("axis", 2)]);
+
+    let heads_shape = [0, 0, heads as i64, head_dim as i64];
+    let heads_shape = g.vector_i64(&format!("{prefix}.attn.heads_shape"), &heads_shape);
+    let by_head = |g: &mut GraphBuilder, t: &str, perm: &[i64]| {
+        let t = g.op("Reshape", &[t, &heads_shape], vec![]);
+        g.op("Transpose", &[&t], vec![attr_ints("perm", perm)])
+    };
+    let q = by_head(g, &q, &[0, 2, 1, 3]);
+    let k_t = by_head(g, &k, &[0, 2, 3, 1]);
+    let v = by_head(g, &v, &[0, 2, 1, 3]);
+
+    let scale = g.scalar_f32(&format!("{prefix}.attn.scale"), 1.0 / (head_dim as f32).sqrt());
+    let q = g.op("Mul", &[&q, &scale], vec![]);
+    let logits = g.op("MatMul", &[&q, &k_t], vec![]);
+    let logits = g.op("Add", &[&logits, bias], vec![]);
+    let weights = g.op("Softmax", &[&logits], vec![attr_int("axis", -1)]);
+
+    let context = g.op("MatMul", &[&weights, &v], vec![]);
+    let context = g.op("Transpose", &[&context], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    let merged = g.vector_i64(&format!("{prefix}.attn.merged_shape"), &[0, 0, d as i64]);
+    let context = g.op("Reshape", &[&context, &merged], vec![]);
+    conv1d(g, model, &format!("{prefix}.attn.c_proj"), &context)
+}
+
+/// `LayerNormalization` over the last axis with the model's epsilon.
+fn layer_norm(
+    g: &mut GraphBuilder,
+    model: &Gpt2,
+    prefix: &str,
+    x: &str,
+) -> Result<String, ExportError> {
+    let weight = g.weight(model, &format!("{prefix}.weight"))?;
+    let bias = g.weight(model, &format!("{prefix}.bias"))?;
+    let eps = model.config().layer_norm_epsilon as f32;
+    let attrs = vec![attr_int("axis", -1), attr_float("epsilon", eps)];
+    Ok(g.op("LayerNormalization", &[x, &weight, &bias], attrs))
+}
+
+/// Hugging Face's Conv1D: `x · weight + bias` with `weight [in, out]`.
+fn conv1d(
+    g: &mut GraphBuilder,
+    model: &Gpt2,
+    prefix: &str,
+    x: &str,
+) -> Result<String, ExportError> {
+    let weight = g.weight(model, &format!("{prefix}.weight"))?;
+    let bias = g.weight(model, &format!("{prefix}.bias"))?;
+    let product = g.op("MatMul", &[x, &weight], vec![]);
+    Ok(g.op("Add", &[&product, &bias], vec![]))
+}
+
+/// `0.5 · x · (1 + tanh(sqrt(2 / π) · (x + 0.044715 · x³)))`, GPT-2's `gelu_new`.
+fn gelu_new(g: &mut GraphBuilder, x: &str) -> String {
+    let half = g.scalar_f32("const.gelu_half", 0.5);
+    let cubic = g.scalar_f32("const.gelu_cubic", 0.044715);
+    let root = g.scalar_f32("const.gelu_root", (2.0 / std::f32::consts::PI).sqrt());
+
+    let square = g.op("Mul", &[x, x], vec![]);
+    let cube = g.op("Mul", &[&square, x], vec![]);
+    let cube = g.op("Mul", &[&cube, &cubic], vec![]);
+    let inner = g.op("Add", &[x, &cube], vec![]);
+    let inner = g.op("Mul", &[&inner, &root], vec![]);
+    let tanh = g.op("Tanh", &[&inner], vec![]);
+
+    let gate = g.op("Add", &[&tanh, "const.one_f32"], vec![]);
+    let half_x = g.op("Mul", &[x, &half], vec![]);
+    g.op("Mul", &[&half_x, &gate], vec![])
+}

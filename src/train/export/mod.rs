@@ -1,0 +1,194 @@
+//! ONNX export of a trained [`Gpt2`] and, optionally, its signal [`Heads`].
+//!
+//! This module owns the ONNX graph the processor runs. It receives a model, its heads and the
+//! metadata of the model card; it hands on one self-contained `.onnx` file (opset 17, IR
+//! version 8, weights as raw little-endian f32 initializers) that implements the model contract
+//! of [`super::gpt2`] exactly:
+//!
+//! - inputs `input_ids` and `attention_mask`, int64 `[batch, seq]`, both dimensions symbolic;
+//! - positions computed inside the graph as `max(cumsum(attention_mask) - 1, 0)`, so the graph
+//!   takes no `position_ids`;
+//! - causal and padded-key masking by adding [`MASK_BIAS`](super::gpt2::MASK_BIAS) per reason,
+//!   as the candle model does;
+//! - output `last_hidden_state`, float `[batch, seq, n_embd]`, after `ln_f`;
+//! - with heads, output `scores`, float `[batch, K]`: `concat(h_last, h_mean)` pooling and
+//!   `sigmoid(pooled · weightᵀ + bias)`, all inside the graph.
+//!
+//! Layer norm is ONNX `LayerNormalization` (opset 17); GELU is composed from `Mul`, `Add`
+//! and `Tanh` in its tanh form, as GPT-2's `gelu_new` is.
+//!
+//! A protobuf message cannot exceed 2 GiB, so a model whose weights do not fit in one file
+//! under that bound (larger than about 500M parameters) is refused rather than written with
+//! external data; every model this project trains on a CPU is far below it.
+//!
+//! # Layout
+//!
+//! This file holds the entry points, the metadata and the errors; `graph` the builder that
+//! names values and collects nodes and initializers; `blocks` the embedding and transformer
+//! nodes up to `ln_f`; `heads` the pooling and head nodes behind `scores`.
+
+mod blocks;
+mod graph;
+mod heads;
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryProto};
+use serde::{Deserialize, Serialize};
+
+use self::blocks::backbone;
+use self::graph::{Dim, GraphBuilder};
+use self::heads::pool_and_heads;
+use super::gpt2::{Gpt2, Heads};
+
+/// The default-domain opset the graph uses (`LayerNormalization` needs 17).
+pub const OPSET: i64 = 17;
+
+/// ONNX IR version of the file; ONNX Runtime 1.31 reads it.
+pub const IR_VERSION: i64 = 8;
+
+/// Metadata key of the model version.
+pub const META_MODEL_VERSION: &str = "model_version";
+
+/// Metadata key of the signal names, in head order, joined by commas.
+pub const META_SIGNALS: &str = "signals";
+
+/// Weights above this many bytes cannot be serialised into one protobuf message.
+const MAX_WEIGHT_BYTES: usize = 2_000_000_000;
+
+/// Errors of exporting a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot read the model's weights")]
+    Tensor(#[from] candle_core::Error),
+    #[error("the model lacks weight {name}")]
+    MissingWeight { name: String },
+    #[error("{signals} signal names given for {heads} heads")]
+    SignalCount { signals: usize, heads: usize },
+    #[error("signal name {name:?} is empty or contains a comma")]
+    SignalName { name: String },
+    #[error("heads read {found} features, the model pools {expected}")]
+    HeadsWidth { expected: usize, found: usize },
+    #[error("weights of {bytes} bytes do not fit in one ONNX file")]
+    TooLarge { bytes: usize },
+    #[error("cannot create {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: protobuf::Error,
+    },
+    #[error("cannot flush {path}")]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the exported file carries in its `metadata_props`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportMeta {
+    /// Written under [`META_MODEL_VERSION`]; the processor stamps it on every signal record.
+    pub model_version: String,
+    /// Signal names in head order, written under [`META_SIGNALS`] joined by commas; with heads
+    /// there must be one per head.
+    pub signals: Vec<String>,
+}
+
+impl ExportMeta {
+    /// Checks the names can be joined by commas and read back, and match the heads.
+    fn validate(&self, heads: Option<&Heads>) -> Result<(), ExportError> {
+        if let Some(name) = self.signals.iter().find(|n| n.is_empty() || n.contains(',')) {
+            return Err(ExportError::SignalName { name: name.clone() });
+        }
+        match heads {
+            Some(heads) if heads.k() != self.signals.len() => {
+                Err(ExportError::SignalCount { signals: self.signals.len(), heads: heads.k() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn props(&self) -> Vec<StringStringEntryProto> {
+        let entry = |key: &str, value: String| StringStringEntryProto {
+            key: key.into(),
+            value,
+            ..Default::default()
+        };
+        vec![
+            entry(META_MODEL_VERSION, self.model_version.clone()),
+            entry(META_SIGNALS, self.signals.join(",")),
+        ]
+    }
+}
+
+/// Writes `model` (and `heads`, if given) as one ONNX file at `path`.
+pub fn export_onnx(
+    model: &Gpt2,
+    heads: Option<&Heads>,
+    path: &Path,
+    meta: &ExportMeta,
+) -> Result<(), ExportError> {
+    let proto = build_model(model, heads, meta)?;
+
+    let file =
+        File::create(path).map_err(|source| ExportError::Create { path: path.into(), source })?;
+    let mut writer = BufWriter::new(file);
+    proto
+        .write_to_writer(&mut writer)
+        .map_err(|source| ExportError::Write { path: path.into(), source })?;
+    writer.flush().map_err(|source| ExportError::Flush { path: path.into(), source })
+}
+
+/// The whole ONNX model in memory.
+pub fn build_model(
+    model: &Gpt2,
+    heads: Option<&Heads>,
+    meta: &ExportMeta,
+) -> Result<ModelProto, ExportError> {
+    meta.validate(heads)?;
+    let expected = model.config().pooled_dim();
+    if let Some(found) = heads.map(Heads::dim).filter(|&d| d != expected) {
+        return Err(ExportError::HeadsWidth { expected, found });
+    }
+    let bytes = 4 * model.num_parameters();
+    if bytes > MAX_WEIGHT_BYTES {
+        return Err(ExportError::TooLarge { bytes });
+    }
+
+    let mut graph = GraphBuilder::default();
+    let (hidden, shared) = backbone(&mut graph, model)?;
+    graph.alias(&hidden, LAST_HIDDEN_STATE);
+    graph.output_f32(LAST_HIDDEN_STATE, &[Dim::Batch, Dim::Seq, Dim::Fixed(model.config().n_embd)]);
+    if let Some(heads) = heads {
+        let scores = pool_and_heads(&mut graph, &hidden, &shared, heads);
+        graph.alias(&scores, SCORES);
+        graph.output_f32(SCORES, &[Dim::Batch, Dim::Fixed(heads.k())]);
+    }
+
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto { version: OPSET, ..Default::default() }],
+        producer_name: "mindstream-train".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph.finish()).into(),
+        metadata_props: meta.props(),
+        ..Default::default()
+    })
+}
+
+/// Names of the graph's inputs and outputs.
+const INPUT_IDS: &str = "input_ids";
+const ATTENTION_MASK: &str = "attention_mask";
+const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+const SCORES: &str = "scores";
