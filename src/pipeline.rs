@@ -76,6 +76,8 @@ struct Processor {
     /// Scoring requests to the model workers; dropped when draining so the workers finish.
     requests: Option<flume::Sender<Request>>,
     health: Arc<Health>,
+    /// When the last input record arrived (for the caught-up check).
+    last_record: Instant,
 }
 
 /// Failures reported by tasks other than the consume loop.
@@ -133,6 +135,7 @@ pub async fn run(
         sink,
         requests: Some(request_tx),
         health,
+        last_record: Instant::now(),
     };
 
     let reason = processor.consume(&consumer, &config, options, &mut fatal).await?;
@@ -220,6 +223,7 @@ impl Processor {
     /// One input record: decode, then window or DLQ.
     async fn handle(&mut self, message: &BorrowedMessage<'_>) {
         self.health.broker_down.store(false, Ordering::SeqCst);
+        self.last_record = Instant::now();
         let Some((topic, format)) = self.topics.get(message.topic()).cloned() else {
             tracing::warn!(topic = message.topic(), "record from a topic not subscribed");
             return;
@@ -369,10 +373,14 @@ impl Processor {
         Some(lags)
     }
 
-    /// Every assigned partition read to its end, nothing dirty, nothing in flight.
+    /// Every assigned partition read to its end, nothing dirty, nothing in flight, and no
+    /// record for [`CAUGHT_UP_QUIET`] (some brokers report high watermarks below the end).
     async fn is_caught_up(&self, consumer: &SourceConsumer) -> bool {
         let open = self.tracker.lock().expect("offset tracker lock poisoned").open_count();
         if open > 0 || self.store.dirty() > 0 || self.sink.in_flight() > 0 {
+            return false;
+        }
+        if self.last_record.elapsed() < CAUGHT_UP_QUIET {
             return false;
         }
         match self.lag(consumer).await {
@@ -414,6 +422,8 @@ const TICK_MAX: Duration = Duration::from_millis(50);
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(5);
 /// How often `until_caught_up` looks at the partitions' ends.
 const CAUGHT_UP_PERIOD: Duration = Duration::from_millis(500);
+/// Quiet time after the last record before `until_caught_up` may stop.
+const CAUGHT_UP_QUIET: Duration = Duration::from_secs(2);
 /// Bound on one watermark query.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(2);
 

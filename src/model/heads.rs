@@ -15,12 +15,13 @@ pub fn pool(hidden: &[f32], batch: usize, seq: usize, n_embd: usize, mask: &[i64
         let row_mask = &mask[b * seq..(b + 1) * seq];
         let real = row_mask.iter().filter(|&&m| m != 0).count();
         let out = &mut pooled[b * 2 * n_embd..(b + 1) * 2 * n_embd];
+        let row = |t: usize| &hidden[(b * seq + t) * n_embd..(b * seq + t + 1) * n_embd];
+        // A row without real tokens pools to the state at index 0 and a zero mean, as the
+        // exported graphs do.
+        out[..n_embd].copy_from_slice(row(real.saturating_sub(1)));
         if real == 0 {
             continue;
         }
-        let last = real - 1;
-        let row = |t: usize| &hidden[(b * seq + t) * n_embd..(b * seq + t + 1) * n_embd];
-        out[..n_embd].copy_from_slice(row(last));
         let mean = &mut out[n_embd..];
         for t in (0..seq).filter(|&t| row_mask[t] != 0) {
             for (m, h) in mean.iter_mut().zip(row(t)) {

@@ -40,7 +40,13 @@ pub struct ReadBack {
     pub latest: BTreeMap<String, SignalRecord>,
 }
 
-/// Reads `topic` from the beginning to the high watermarks seen at the start.
+/// How long a read waits for more records after reaching the high watermarks. Some brokers
+/// (Tansu among them) report a partition's high watermark as the base offset of its last
+/// batch plus one, so the records of that last batch are still to come.
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// Reads `topic` from the beginning until the high watermarks seen at the start are reached
+/// and no record has come for [`QUIET`].
 pub fn read_latest(
     client: &ClientConfig,
     topic: &str,
@@ -74,12 +80,14 @@ pub fn read_latest(
 
     let deadline = Instant::now() + timeout;
     let mut back = ReadBack::default();
-    while !ends.is_empty() {
+    let mut last_record = Instant::now();
+    while !ends.is_empty() || last_record.elapsed() < QUIET {
         if Instant::now() > deadline {
             return Err(SummaryError::Timeout { topic: topic.into(), timeout });
         }
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
         let message = message.map_err(kafka)?;
+        last_record = Instant::now();
         if ends.get(&message.partition()).is_some_and(|&end| message.offset() + 1 >= end) {
             ends.remove(&message.partition());
         }

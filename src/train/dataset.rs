@@ -4,7 +4,7 @@
 //! after events arrive: the window is built with [`UserState::apply`] from the user's events
 //! up to and including that event, and the labels look only at the user's events strictly
 //! after it, within each signal's horizon. No event after the example's time can reach its
-//! window or its features ([`tests::no_future_event_reaches_a_window`]).
+//! window or its features (the test `no_future_event_reaches_a_window`).
 //!
 //! Splits are by time per data set: the latest quarter of the usable time is the test split,
 //! a gap of one horizon before it keeps every training and validation label out of the test

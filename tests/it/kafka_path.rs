@@ -125,6 +125,28 @@ fn events_in_signals_out_with_dlq_and_commits() {
     let output = support::run_with_limit(run, Duration::from_secs(240));
     support::assert_success(&output, "mindstream run");
 
+    // DLQ: every bad record once, with its reason, source and original bytes.
+    let dlq = support::read_all(&broker, &dlq_topic);
+    let mut reasons: Vec<String> =
+        dlq.iter().map(|r| r.headers["mindstream.reason"].clone()).collect();
+    reasons.sort();
+    let mut expected: Vec<String> = BAD_JSON
+        .iter()
+        .map(|(_, r)| r.to_string())
+        .chain(bad_protobuf.iter().map(|(_, r)| r.to_string()))
+        .collect();
+    expected.sort();
+    let details: Vec<&String> = dlq.iter().map(|r| &r.headers["mindstream.detail"]).collect();
+    assert_eq!(reasons, expected, "{details:?}");
+    for read in &dlq {
+        let source = &read.headers["mindstream.source.topic"];
+        assert!(source == &clicks_topic || source == &reviews_topic);
+        assert!(read.headers["mindstream.source.offset"].parse::<i64>().is_ok());
+        let original = BAD_JSON.iter().any(|(b, _)| b.as_bytes() == read.payload)
+            || bad_protobuf.iter().any(|(b, _)| *b == read.payload);
+        assert!(original, "the DLQ keeps the original bytes");
+    }
+
     // Signals: one key per user, keyed by the pseudonym, versions rising per user.
     let key = Pseudonymizer::new(support::KEY.as_bytes()).unwrap();
     let users: BTreeSet<String> =
@@ -142,7 +164,23 @@ fn events_in_signals_out_with_dlq_and_commits() {
         }
     }
     let latest = support::latest(records.iter().map(|(_, r)| r.clone()));
-    assert_eq!(latest.keys().cloned().collect::<BTreeSet<_>>(), users, "every user scored");
+    let scored: BTreeSet<String> = latest.keys().cloned().collect();
+    let raw: BTreeMap<String, &str> = fixture
+        .clicks
+        .iter()
+        .chain(&fixture.reviews)
+        .map(|e| (key.key(&e.user_id), e.user_id.as_str()))
+        .collect();
+    let missing: Vec<&str> = users.difference(&scored).take(5).map(|k| raw[k]).collect();
+    let extra: Vec<&String> = scored.difference(&users).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} users, {} scored in {} records; missing {missing:?}, unexpected {extra:?}\n{}",
+        users.len(),
+        scored.len(),
+        records.len(),
+        String::from_utf8_lossy(&output.stderr)
+    );
     for record in latest.values() {
         assert!(record.scores.iter().all(|s| (0.0..=1.0).contains(&s.value)));
         assert!(record.score("purchase_intent").is_some());
@@ -151,27 +189,6 @@ fn events_in_signals_out_with_dlq_and_commits() {
     let reviewers: Vec<&SignalRecord> =
         latest.values().filter(|r| r.score("sentiment").is_some()).collect();
     assert_eq!(reviewers.len(), fixture.reviews.len(), "each review window gets a sentiment");
-
-    // DLQ: every bad record once, with its reason, source and original bytes.
-    let dlq = support::read_all(&broker, &dlq_topic);
-    let mut reasons: Vec<String> =
-        dlq.iter().map(|r| r.headers["mindstream.reason"].clone()).collect();
-    reasons.sort();
-    let mut expected: Vec<String> = BAD_JSON
-        .iter()
-        .map(|(_, r)| r.to_string())
-        .chain(bad_protobuf.iter().map(|(_, r)| r.to_string()))
-        .collect();
-    expected.sort();
-    assert_eq!(reasons, expected);
-    for read in &dlq {
-        let source = &read.headers["mindstream.source.topic"];
-        assert!(source == &clicks_topic || source == &reviews_topic);
-        assert!(read.headers["mindstream.source.offset"].parse::<i64>().is_ok());
-        let original = BAD_JSON.iter().any(|(b, _)| b.as_bytes() == read.payload)
-            || bad_protobuf.iter().any(|(b, _)| *b == read.payload);
-        assert!(original, "the DLQ keeps the original bytes");
-    }
 
     // Offsets: committed up to the end of every input partition.
     for topic in [&clicks_topic, &reviews_topic] {
@@ -187,7 +204,8 @@ fn events_in_signals_out_with_dlq_and_commits() {
     write_lines(&offline_input, &all);
     let offline_output = dir.path().join("signals.jsonl");
     let mut score = support::mindstream();
-    score.args(["score", "--input", offline_input.to_str().unwrap(), "--output"]);
+    score.args(["--config", config.to_str().unwrap(), "score", "--input"]);
+    score.args([offline_input.to_str().unwrap(), "--output"]);
     score.arg(&offline_output);
     support::assert_success(&support::run_with_limit(score, Duration::from_secs(240)), "score");
     let offline: Vec<SignalRecord> = std::fs::read_to_string(&offline_output)
@@ -217,16 +235,17 @@ fn assert_same_signal(offline: &SignalRecord, kafka: &SignalRecord) {
     assert_eq!(offline.scores.len(), kafka.scores.len(), "{who} signals");
     for (a, b) in offline.scores.iter().zip(&kafka.scores) {
         assert_eq!(a.signal, b.signal);
-        assert!((a.value - b.value).abs() < 1e-5, "{who} {}: {} vs {}", a.signal, a.value, b.value);
+        assert!((a.value - b.value).abs() < 1e-4, "{who} {}: {} vs {}", a.signal, a.value, b.value);
         assert_eq!(a.top_events.len(), b.top_events.len(), "{who} {} explanation", a.signal);
         for (i, (x, y)) in a.top_events.iter().zip(&b.top_events).enumerate() {
-            assert!((x.delta - y.delta).abs() < 1e-5, "{who} {} delta {i}", a.signal);
-            // Events may swap places only where their deltas tie.
-            let tied = a
-                .top_events
-                .iter()
-                .any(|z| z.event_id == y.event_id && (z.delta - x.delta).abs() < 1e-4);
-            assert!(x.event_id == y.event_id || tied, "{who} {} event {i}", a.signal);
+            assert!((x.delta - y.delta).abs() < 1e-4, "{who} {} delta {i}", a.signal);
+        }
+        // Events clearly above the last listed one must be named by both; near the cut, ties
+        // with events left out of the list may swap.
+        let cut = a.top_events.last().map_or(0.0, |c| c.delta.abs()) + 2e-4;
+        for x in a.top_events.iter().filter(|x| x.delta.abs() > cut) {
+            let named = b.top_events.iter().any(|y| y.event_id == x.event_id);
+            assert!(named, "{who} {} names {}", a.signal, x.event_id);
         }
     }
 }
