@@ -15,7 +15,10 @@ pub const ORT_LIBRARY_NAME: &str = "libonnxruntime.so.1.31.1";
 /// Errors of loading the runtime or a model into it.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("ONNX Runtime library not found: set model.ort_library or ORT_DYLIB_PATH, or run scripts/setup.sh")]
+    #[error(
+        "ONNX Runtime library not found: set model.ort_library or ORT_DYLIB_PATH, \
+         or run scripts/setup.sh"
+    )]
     LibraryNotFound,
     #[error("cannot load ONNX Runtime from {path}")]
     Load {

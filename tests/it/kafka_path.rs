@@ -22,7 +22,10 @@ const BAD_JSON: [(&str, &str); 4] = [
     ),
     (r#"{"user_id":"u","event_id":"x2","event_time":5,"kind":"teleport"}"#, "unknown_kind"),
     (
-        r#"{"user_id":"u","event_id":"x3","event_time":9,"kind":"click","action":"buy","item_id":"i","price":-3}"#,
+        concat!(
+            r#"{"user_id":"u","event_id":"x3","event_time":9,"kind":"click","#,
+            r#""action":"buy","item_id":"i","price":-3}"#
+        ),
         "invalid_field",
     ),
 ];

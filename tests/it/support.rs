@@ -122,7 +122,8 @@ pub fn write_config(dir: &Path, broker: &Broker, group: &str, body: &str) -> Pat
     let path = dir.join("mindstream.toml");
     let text = format!(
         "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ncommit_interval = \"200ms\"\n\
-         [kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+         [kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\
+         \"heartbeat.interval.ms\" = \"1000\"\n\
          [shutdown]\ndrain_timeout = \"5s\"\n{body}",
         broker.address, group
     );

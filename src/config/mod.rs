@@ -1,0 +1,392 @@
+//! Typed configuration: a TOML file, overridden key by key from the environment.
+//!
+//! Every key is documented in README.md ("Configuration"). Unknown keys are rejected, durations
+//! are written with their unit (`"500ms"`, `"30d"`), and any key can be set from the
+//! environment as `MINDSTREAM__<SECTION>__<KEY>` (value parsed as TOML, else taken as a string;
+//! inside the `kafka.*` property maps, `_` in the key stands for `.`). A bad file or value stops
+//! start-up with an error naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Format;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "MINDSTREAM__";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// The input topics; `mindstream run` needs at least one.
+    #[serde(default)]
+    pub inputs: Vec<InputConfig>,
+    #[serde(default)]
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub window: WindowConfig,
+    #[serde(default)]
+    pub scoring: ScoringConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub interests: InterestsConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest the processor spends finishing in-flight work and committing on SIGTERM or
+    /// SIGINT; must be shorter than the consumer's `session.timeout.ms`.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { drain_timeout: default_drain_timeout() }
+    }
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+
+/// librdkafka's default `session.timeout.ms`.
+pub(crate) const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer group of the processor instances.
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// librdkafka properties for every client (TLS, SASL, timeouts), passed through verbatim.
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    /// How often delivered offsets are committed.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub topic: String,
+    /// `json` or `protobuf`.
+    pub format: Format,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Topic of signal records, keyed by the pseudonymised user key.
+    #[serde(default = "default_signals_topic")]
+    pub signals_topic: String,
+    /// `json` or `protobuf`.
+    #[serde(default = "default_output_format")]
+    pub format: Format,
+    /// Dead-letter topic for rejected input records.
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Most events a user's window holds. Absent: the value the model was trained with.
+    pub max_events: Option<usize>,
+    /// Event-time span of the window, newest event back. Absent: the model's training value.
+    #[serde(default, with = "humantime_serde")]
+    pub span: Option<Duration>,
+    /// How far behind a partition's newest event time an event may arrive and still be used.
+    #[serde(default = "default_lateness", with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// A user idle longer than this (event time) is evicted and starts afresh. Absent: the
+    /// model's training value.
+    #[serde(default, with = "humantime_serde")]
+    pub user_ttl: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoringConfig {
+    /// Per-user debounce: a changed window is scored once this long after its first unscored
+    /// change, so a burst of events gives one scoring of the latest window.
+    #[serde(default = "default_coalesce", with = "humantime_serde")]
+    pub coalesce: Duration,
+    /// Most sequences in one model call.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest a partial batch waits for more sequences.
+    #[serde(default = "default_batch_wait", with = "humantime_serde")]
+    pub max_batch_wait: Duration,
+    /// Scoring jobs queued for the model before the consumer waits.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Leave-one-out explanations: how many of the newest events are tried (0 turns them off).
+    #[serde(default = "default_explain_candidates")]
+    pub explain_candidates: usize,
+    /// How many contributing events each score names.
+    #[serde(default = "default_explain_top")]
+    pub explain_top: usize,
+    /// Model worker threads, each with its own session.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutionProvider {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Folder with `model.onnx`, `model.json` and `tokenizer.json` (or `vocab.json` +
+    /// `merges.txt`).
+    #[serde(default = "default_model_dir")]
+    pub dir: PathBuf,
+    /// Path of `libonnxruntime.so`; absent: `ORT_DYLIB_PATH`, then `.tools/onnxruntime/`.
+    pub ort_library: Option<PathBuf>,
+    /// `cpu` or `cuda`.
+    #[serde(default = "default_provider")]
+    pub execution_provider: ExecutionProvider,
+    /// With `cuda`: run on the CPU when CUDA cannot be had instead of failing start-up.
+    #[serde(default)]
+    pub allow_cpu_fallback: bool,
+    /// Threads inside each operator.
+    #[serde(default = "default_intra_threads")]
+    pub intra_threads: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InterestsConfig {
+    /// Event-time half-life of the category counters.
+    #[serde(default = "default_half_life", with = "humantime_serde")]
+    pub half_life: Duration,
+    /// Categories reported per record.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Categories tracked per user (the least-weighted one is dropped beyond this).
+    #[serde(default = "default_tracked")]
+    pub tracked: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// File holding the pseudonymisation secret (its bytes, trailing newline ignored).
+    pub pseudonym_key_file: Option<PathBuf>,
+    /// Environment variable holding the secret, used when no file is set.
+    #[serde(default = "default_key_env")]
+    pub pseudonym_key_env: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; absent turns the server off.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `plain` or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `mindstream=debug,rdkafka=warn`.
+    #[serde(default = "default_log_filter")]
+    pub filter: String,
+}
+
+fn default_brokers() -> String {
+    "localhost:9092".into()
+}
+fn default_signals_topic() -> String {
+    "mindstream-signals".into()
+}
+fn default_dlq_topic() -> String {
+    "mindstream-dlq".into()
+}
+fn default_group() -> String {
+    "mindstream".into()
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_output_format() -> Format {
+    Format::Protobuf
+}
+fn default_lateness() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_coalesce() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_batch_size() -> usize {
+    32
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_queue_capacity() -> usize {
+    256
+}
+fn default_explain_candidates() -> usize {
+    8
+}
+fn default_explain_top() -> usize {
+    3
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_model_dir() -> PathBuf {
+    PathBuf::from("models")
+}
+fn default_provider() -> ExecutionProvider {
+    ExecutionProvider::Cpu
+}
+fn default_intra_threads() -> usize {
+    1
+}
+fn default_half_life() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_top_k() -> usize {
+    5
+}
+fn default_tracked() -> usize {
+    32
+}
+fn default_key_env() -> String {
+    "MINDSTREAM_PSEUDONYM_KEY".into()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Plain
+}
+fn default_log_filter() -> String {
+    "info".into()
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: default_brokers(),
+            group_id: default_group(),
+            client: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            commit_interval: default_commit_interval(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            signals_topic: default_signals_topic(),
+            format: default_output_format(),
+            dlq_topic: default_dlq_topic(),
+        }
+    }
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            max_events: None,
+            span: None,
+            allowed_lateness: default_lateness(),
+            user_ttl: None,
+        }
+    }
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        ScoringConfig {
+            coalesce: default_coalesce(),
+            batch_size: default_batch_size(),
+            max_batch_wait: default_batch_wait(),
+            queue_capacity: default_queue_capacity(),
+            explain_candidates: default_explain_candidates(),
+            explain_top: default_explain_top(),
+            workers: default_workers(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            dir: default_model_dir(),
+            ort_library: None,
+            execution_provider: default_provider(),
+            allow_cpu_fallback: false,
+            intra_threads: default_intra_threads(),
+        }
+    }
+}
+
+impl Default for InterestsConfig {
+    fn default() -> Self {
+        InterestsConfig {
+            half_life: default_half_life(),
+            top_k: default_top_k(),
+            tracked: default_tracked(),
+        }
+    }
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig { pseudonym_key_file: None, pseudonym_key_env: default_key_env() }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: default_log_format(), filter: default_log_filter() }
+    }
+}
+
+mod load;
+#[cfg(test)]
+mod tests;
+
+pub use load::ConfigError;

@@ -1,0 +1,87 @@
+//! Tests of configuration loading.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+    [kafka]
+    brokers = "127.0.0.1:9092"
+    [[inputs]]
+    topic = "clicks"
+    format = "json"
+    [output]
+    signals_topic = "signals"
+    dlq_topic = "dlq"
+"#;
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    Config::load(Some(&path), env)
+}
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let config = load(MINIMAL, &[]).unwrap();
+    assert_eq!(config.scoring.batch_size, 32);
+    assert_eq!(config.output.format, Format::Protobuf);
+    assert_eq!(config.window.user_ttl, None);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = load(&format!("{MINIMAL}\n[window]\nmax_evnets = 3\n"), &[]).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("window") && message.contains("max_evnets"), "{message}");
+}
+
+#[test]
+fn bad_value_is_named() {
+    let err = load(&format!("{MINIMAL}\n[scoring]\ncoalesce = \"soon\"\n"), &[]).unwrap_err();
+    assert!(err.to_string().contains("scoring.coalesce"), "{err}");
+    let err = load(&format!("{MINIMAL}\n[scoring]\nbatch_size = 0\n"), &[]).unwrap_err();
+    assert!(err.to_string().contains("scoring.batch_size"), "{err}");
+}
+
+#[test]
+fn env_overrides_and_names_its_variable() {
+    let env = [
+        ("MINDSTREAM__SCORING__BATCH_SIZE", "8"),
+        ("MINDSTREAM__KAFKA__CLIENT__SECURITY_PROTOCOL", "SSL"),
+        ("MINDSTREAM__WINDOW__SPAN", "2h"),
+    ];
+    let config = load(MINIMAL, &env).unwrap();
+    assert_eq!(config.scoring.batch_size, 8);
+    assert_eq!(config.kafka.client["security.protocol"], "SSL");
+    assert_eq!(config.window.span, Some(Duration::from_secs(7200)));
+
+    let err = load(MINIMAL, &[("MINDSTREAM__SCORING__BATCH_SIZE", "many")]).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("scoring.batch_size"), "{message}");
+    assert!(message.contains("MINDSTREAM__SCORING__BATCH_SIZE"), "{message}");
+}
+
+#[test]
+fn redaction_hides_secrets() {
+    let env = [("MINDSTREAM__KAFKA__CLIENT__SASL_PASSWORD", "hunter2")];
+    let config = load(MINIMAL, &env).unwrap();
+    let printed = config.redacted();
+    assert!(!printed.contains("hunter2"));
+    assert!(printed.contains("sasl.password"));
+}
+
+#[test]
+fn drain_timeout_must_undercut_the_session_timeout() {
+    let env = [("MINDSTREAM__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")];
+    let err = load(MINIMAL, &env).unwrap_err();
+    assert!(err.to_string().contains("shutdown.drain_timeout"), "{err}");
+    let env = [env[0], ("MINDSTREAM__SHUTDOWN__DRAIN_TIMEOUT", "5s")];
+    assert!(load(MINIMAL, &env).is_ok());
+}
+
+#[test]
+fn input_topic_cannot_be_an_output() {
+    let text = MINIMAL.replace("topic = \"clicks\"", "topic = \"dlq\"");
+    assert!(load(&text, &[]).unwrap_err().to_string().contains("inputs.topic"));
+}
