@@ -69,11 +69,7 @@ pub fn score_file(
 
     let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
     let (result_tx, result_rx) = flume::unbounded();
-    let batch = BatchConfig {
-        batch_size: config.scoring.batch_size,
-        max_wait: config.scoring.max_batch_wait,
-        max_tokens: card.max_tokens,
-    };
+    let batch = BatchConfig::new(&config.scoring, card.max_tokens);
     let workers =
         batcher::spawn_workers(model.scorers, &model.tokenizer, batch, request_rx, result_tx);
     let requests = store.take_all();

@@ -111,11 +111,7 @@ pub async fn run(
 
     let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
     let (result_tx, result_rx) = flume::bounded(config.scoring.queue_capacity);
-    let batch = BatchConfig {
-        batch_size: config.scoring.batch_size,
-        max_wait: config.scoring.max_batch_wait,
-        max_tokens: card.max_tokens,
-    };
+    let batch = BatchConfig::new(&config.scoring, card.max_tokens);
     let workers =
         batcher::spawn_workers(model.scorers, &model.tokenizer, batch, request_rx, result_tx);
     health.model_loaded.store(true, Ordering::SeqCst);

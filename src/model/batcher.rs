@@ -36,6 +36,13 @@ pub struct Scored<C> {
     pub tokens: usize,
 }
 
+impl BatchConfig {
+    /// The batching of `config` for a model that takes `max_tokens`.
+    pub fn new(config: &crate::config::ScoringConfig, max_tokens: usize) -> BatchConfig {
+        BatchConfig { batch_size: config.batch_size, max_wait: config.max_batch_wait, max_tokens }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct BatchConfig {
     /// Most sequences per model call.

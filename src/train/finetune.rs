@@ -18,7 +18,7 @@ use crate::model::scorer::pad_batch;
 use crate::train::build::{BuildError, BuildOptions, DataSet};
 use crate::train::catalog::OUTPUTS;
 use crate::train::dataset::Split;
-use crate::train::fit::bar;
+use crate::train::fit::{bar, token_batches};
 use crate::train::gpt2::{self, Gpt2};
 
 #[derive(Clone, Debug, Default)]
@@ -66,7 +66,8 @@ pub fn fine_tune(
     let params = ParamsAdamW { lr: options.finetune_lr, weight_decay: 0.01, ..Default::default() };
     let mut optimizer = AdamW::new(vars, params).map_err(err)?;
 
-    let mut batches = batches_by_length(&rows, options.lm_batch_tokens);
+    let lengths: Vec<usize> = rows.iter().map(|r| r.tokens.len()).collect();
+    let mut batches = token_batches(&lengths, options.lm_batch_tokens);
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed ^ 0x5eed);
     let progress = bar(options.finetune_steps as u64, "fine-tuning");
     let started = Instant::now();
@@ -142,23 +143,4 @@ fn batch_loss(
         (per * m)?.sum_all()? / f64::from(count)
     })();
     stable.map_err(err)
-}
-
-/// Batches of rows of similar length within `budget` padded tokens.
-fn batches_by_length(rows: &[Row<'_>], budget: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].tokens.len());
-    let mut batches = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    for index in order {
-        let longest = rows[index].tokens.len();
-        if !current.is_empty() && (current.len() + 1) * longest > budget {
-            batches.push(std::mem::take(&mut current));
-        }
-        current.push(index);
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    batches
 }

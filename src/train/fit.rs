@@ -74,7 +74,8 @@ pub fn train_language_model(
 
     let corpus = sequences(sets, Split::Train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
-    let mut batches = token_batches(&corpus, options.lm_batch_tokens);
+    let lengths: Vec<usize> = corpus.iter().map(|s| s.len()).collect();
+    let mut batches = token_batches(&lengths, options.lm_batch_tokens);
     let progress = bar(options.lm_steps as u64, "language model");
     let started = Instant::now();
     let mut facts = LmFacts::default();
@@ -115,13 +116,14 @@ pub fn train_language_model(
 
 /// Batches of sequences of similar length, each within `budget` padded tokens, so that a step
 /// costs about the same whatever it holds and little goes to padding.
-fn token_batches(corpus: &[&[u32]], budget: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..corpus.len()).collect();
-    order.sort_by_key(|&i| corpus[i].len());
+/// `lengths[i]` is the length of sequence `i`; batches hold indices.
+pub fn token_batches(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
     let mut batches = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     for index in order {
-        let longest = corpus[index].len();
+        let longest = lengths[index];
         if !current.is_empty() && (current.len() + 1) * longest > budget {
             batches.push(std::mem::take(&mut current));
         }
@@ -136,7 +138,8 @@ fn token_batches(corpus: &[&[u32]], budget: usize) -> Vec<Vec<usize>> {
 /// Mean LM loss over up to 50 validation batches.
 fn validation_loss(model: &Gpt2, sets: &[DataSet], budget: usize) -> Result<f32, BuildError> {
     let held_out = sequences(sets, Split::Validation);
-    let batches = token_batches(&held_out, budget);
+    let lengths: Vec<usize> = held_out.iter().map(|s| s.len()).collect();
+    let batches = token_batches(&lengths, budget);
     let step = (batches.len() / 50).max(1);
     let mut total = 0.0;
     let mut count = 0;
