@@ -232,3 +232,86 @@ impl Scorer for OrtScorer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::card::{Backbone, HeadWeights};
+    use crate::train::export::{export_onnx, ExportMeta};
+    use crate::train::gpt2::{Gpt2, Gpt2Config, Heads};
+
+    fn card(onnx: &Path, heads: Option<HeadWeights>) -> ModelCard {
+        let bytes = std::fs::read(onnx).unwrap();
+        let mut signals = crate::train::catalog::head_signals();
+        signals.truncate(2);
+        ModelCard {
+            card_version: crate::model::card::CARD_VERSION,
+            model_version: "test".into(),
+            description: String::new(),
+            onnx_file: onnx.file_name().unwrap().to_string_lossy().into(),
+            onnx_sha256: hex::encode(Sha256::digest(&bytes)),
+            tokenizer_file: String::new(),
+            render_version: crate::render::RENDER_VERSION,
+            max_tokens: 32,
+            window: crate::window::WindowSpec::default(),
+            user_ttl_ms: 86_400_000,
+            signals,
+            derived: Vec::new(),
+            heads,
+            backbone: Backbone {
+                architecture: "gpt2".into(),
+                vocab_size: 100,
+                n_positions: 32,
+                n_embd: 16,
+                n_layer: 1,
+                n_head: 2,
+                parameters: 0,
+            },
+            training: None,
+            evaluation: Vec::new(),
+        }
+    }
+
+    /// A graph with only `last_hidden_state` plus head weights in the card scores the same
+    /// as the graph with the heads inside; a file that does not match the card is refused.
+    #[test]
+    fn hidden_state_graphs_score_with_card_heads() {
+        let config = Gpt2Config {
+            vocab_size: 100,
+            n_positions: 32,
+            n_embd: 16,
+            n_layer: 1,
+            n_head: 2,
+            layer_norm_epsilon: 1e-5,
+        };
+        let model = Gpt2::new_random(config, &candle_core::Device::Cpu, 3).unwrap();
+        let heads = Heads::new_random(2, 32, 4).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (inside, outside) = (dir.path().join("inside.onnx"), dir.path().join("outside.onnx"));
+        let meta =
+            ExportMeta { model_version: "test".into(), signals: vec!["a".into(), "b".into()] };
+        export_onnx(&model, Some(&heads), &inside, &meta).unwrap();
+        let bare = ExportMeta { model_version: "test".into(), signals: Vec::new() };
+        export_onnx(&model, None, &outside, &bare).unwrap();
+
+        let config = ModelConfig::default();
+        let mut with_heads = OrtScorer::load(dir.path(), &card(&inside, None), &config).unwrap();
+        let weights = HeadWeights::from(&heads);
+        let card_heads = card(&outside, Some(weights));
+        let mut from_card = OrtScorer::load(dir.path(), &card_heads, &config).unwrap();
+        let rows: [&[u32]; 3] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4]];
+        let a = with_heads.score(&rows).unwrap();
+        let b = from_card.score(&rows).unwrap();
+        assert_eq!(a.len(), 6);
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-5, "graph heads and card heads differ by {diff}");
+
+        let mut wrong = card(&inside, None);
+        wrong.onnx_sha256 = "0".repeat(64);
+        let err = OrtScorer::load(dir.path(), &wrong, &config).err().unwrap();
+        assert!(matches!(err, ModelError::Checksum { .. }), "{err}");
+        let no_heads = card(&outside, None);
+        let err = OrtScorer::load(dir.path(), &no_heads, &config).err().unwrap();
+        assert!(err.to_string().contains("no head weights"), "{err}");
+    }
+}
