@@ -20,7 +20,11 @@ pub fn init_logging(config: &Config) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.filter.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Plain => builder.try_init(),

@@ -41,6 +41,8 @@ pub const COMMIT_SECONDS: &str = "mindstream_commit_seconds";
 pub const COMMIT_FAILURES: &str = "mindstream_commit_failures_total";
 /// Consumer group rebalances. Labels: `kind` (`assign`, `revoke`).
 pub const REBALANCES: &str = "mindstream_rebalances_total";
+/// 1 while the input partitions are paused for scoring backpressure, else 0.
+pub const CONSUMER_PAUSED: &str = "mindstream_consumer_paused";
 /// Records behind the partition's high watermark. Labels: `topic`, `partition`.
 pub const CONSUMER_LAG: &str = "mindstream_consumer_lag_records";
 /// Always 1; labels describe the loaded model. Labels: `model_version`, `execution_provider`.
@@ -90,6 +92,7 @@ fn describe() {
     describe_counter!(COMMIT_FAILURES, Unit::Count, "Offset commits that failed.");
     describe_counter!(REBALANCES, Unit::Count, "Consumer group rebalances.");
     describe_gauge!(CONSUMER_LAG, Unit::Count, "Records behind the high watermark.");
+    describe_gauge!(CONSUMER_PAUSED, Unit::Count, "1 while input is paused for backpressure.");
     describe_gauge!(MODEL_INFO, Unit::Count, "The loaded model (always 1).");
     describe_gauge!(BUILD_INFO, Unit::Count, "The running build (always 1).");
 }

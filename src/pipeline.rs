@@ -78,6 +78,10 @@ struct Processor {
     health: Arc<Health>,
     /// When the last input record arrived (for the caught-up check).
     last_record: Instant,
+    /// Consumption is paused because more users are due than the scoring queue takes.
+    paused: bool,
+    /// Records read since start, for the progress log.
+    records_in: u64,
 }
 
 /// Failures reported by tasks other than the consume loop.
@@ -132,6 +136,8 @@ pub async fn run(
         requests: Some(request_tx),
         health,
         last_record: Instant::now(),
+        paused: false,
+        records_in: 0,
     };
 
     let reason = processor.consume(&consumer, &config, options, &mut fatal).await?;
@@ -199,7 +205,7 @@ impl Processor {
                 biased;
                 err = fatal.next() => return Err(err),
                 () = &mut shutdown => return Ok(StopReason::Signal),
-                _ = coalesce.tick() => self.dispatch_due().await?,
+                _ = coalesce.tick() => self.dispatch_due(consumer)?,
                 _ = commit.tick() => self.commit(consumer, CommitMode::Async),
                 _ = housekeeping.tick() => self.housekeeping(consumer).await,
                 _ = caught_up.tick(), if options.until_caught_up => {
@@ -220,6 +226,7 @@ impl Processor {
     async fn handle(&mut self, message: &BorrowedMessage<'_>) {
         self.health.broker_down.store(false, Ordering::SeqCst);
         self.last_record = Instant::now();
+        self.records_in += 1;
         let Some((topic, format)) = self.topics.get(message.topic()).cloned() else {
             tracing::warn!(topic = message.topic(), "record from a topic not subscribed");
             return;
@@ -284,10 +291,37 @@ impl Processor {
         }
     }
 
-    /// Hands the users whose debounce has passed to the model workers.
-    async fn dispatch_due(&mut self) -> Result<(), PipelineError> {
-        let due = self.store.take_due(Instant::now());
-        self.send_requests(due).await
+    /// Hands the users whose debounce has passed to the model workers, as many as the queue
+    /// has room for. While users are left waiting the input partitions are paused, so memory
+    /// stays bounded and the consumer keeps polling (and stays in its group).
+    fn dispatch_due(&mut self, consumer: &SourceConsumer) -> Result<(), PipelineError> {
+        let Some(sender) = &self.requests else { return Ok(()) };
+        let room = sender.capacity().unwrap_or(usize::MAX).saturating_sub(sender.len());
+        let (due, more) = self.store.take_due(Instant::now(), room);
+        for request in due {
+            // Only this task sends, so the room counted above is still there.
+            sender.try_send(request).map_err(|_| PipelineError::WorkersGone)?;
+        }
+        metrics::gauge!(m::SCORING_QUEUE_DEPTH).set(sender.len() as f64);
+        self.set_paused(consumer, more);
+        Ok(())
+    }
+
+    fn set_paused(&mut self, consumer: &SourceConsumer, pause: bool) {
+        if pause == self.paused && !pause {
+            return;
+        }
+        let Ok(assignment) = consumer.assignment() else { return };
+        let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+        if let Err(err) = result {
+            tracing::warn!(cause = %err, pause, "cannot pause or resume the input partitions");
+            return;
+        }
+        if pause != self.paused {
+            tracing::info!(paused = pause, queue = self.store.dirty(), "scoring backpressure");
+            metrics::gauge!(m::CONSUMER_PAUSED).set(f64::from(u8::from(pause)));
+        }
+        self.paused = pause;
     }
 
     async fn send_requests(&mut self, requests: Vec<Request>) -> Result<(), PipelineError> {
@@ -328,8 +362,18 @@ impl Processor {
         }
     }
 
-    /// Gauges, idle-user eviction and consumer lag.
+    /// Gauges, idle-user eviction, consumer lag and a progress line.
     async fn housekeeping(&mut self, consumer: &SourceConsumer) {
+        let open = self.tracker.lock().expect("offset tracker lock poisoned").open_count();
+        tracing::info!(
+            records_in = self.records_in,
+            users = self.store.users(),
+            unscored_users = self.store.dirty(),
+            open_offsets = open,
+            in_flight = self.sink.in_flight(),
+            paused = self.paused,
+            "progress"
+        );
         let evicted = self.store.evict_idle();
         if evicted > 0 {
             metrics::counter!(m::USERS_EVICTED).increment(evicted as u64);
@@ -414,8 +458,8 @@ impl Processor {
 
 /// Longest pause between coalescing checks.
 const TICK_MAX: Duration = Duration::from_millis(50);
-/// How often gauges, eviction and lag are refreshed.
-const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(5);
+/// How often gauges, eviction, lag and the progress line are refreshed.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 /// How often `until_caught_up` looks at the partitions' ends.
 const CAUGHT_UP_PERIOD: Duration = Duration::from_millis(500);
 /// Quiet time after the last record before `until_caught_up` may stop.

@@ -161,19 +161,27 @@ impl<T> Store<T> {
         Applied::Accepted
     }
 
-    /// Scoring requests for users whose debounce has passed by `now`.
-    pub fn take_due(&mut self, now: Instant) -> Vec<ScoreRequest<Scoring<T>>> {
+    /// At most `limit` scoring requests for users whose debounce has passed by `now`, oldest
+    /// first, and whether more users are due.
+    pub fn take_due(
+        &mut self,
+        now: Instant,
+        limit: usize,
+    ) -> (Vec<ScoreRequest<Scoring<T>>>, bool) {
         let mut out = Vec::new();
         while let Some((since, _)) = self.due.front() {
             if now.duration_since(*since) < self.config.coalesce {
                 break;
+            }
+            if out.len() == limit {
+                return (out, true);
             }
             let Some((since, user)) = self.due.pop_front() else { break };
             if let Some(request) = self.request_if_dirty_since(&user, since) {
                 out.push(request);
             }
         }
-        out
+        (out, false)
     }
 
     /// Scoring requests for every dirty user, regardless of debounce (shutdown, end of file).
@@ -294,13 +302,27 @@ mod tests {
                 Applied::Accepted
             ));
         }
-        assert!(store.take_due(t0 + Duration::from_millis(99)).is_empty());
-        let due = store.take_due(t0 + Duration::from_millis(100));
+        assert!(store.take_due(t0 + Duration::from_millis(99), 10).0.is_empty());
+        let (due, more) = store.take_due(t0 + Duration::from_millis(100), 10);
+        assert!(!more);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].context.pending, [0, 1, 2, 3, 4]);
         assert_eq!(due[0].context.facts.events.len(), 5);
         assert_eq!(due[0].candidates, [3, 4]);
-        assert!(store.take_due(t0 + Duration::from_secs(10)).is_empty());
+        assert!(store.take_due(t0 + Duration::from_secs(10), 10).0.is_empty());
+    }
+
+    #[test]
+    fn take_due_respects_the_limit() {
+        let mut store = store(0);
+        let now = Instant::now();
+        for user in ["a", "b", "c"] {
+            store.apply(event(user, 1_000), lineage(0, 0), 0, now);
+        }
+        let (first, more) = store.take_due(now, 2);
+        assert_eq!((first.len(), more), (2, true));
+        let (rest, more) = store.take_due(now, 2);
+        assert_eq!((rest.len(), more), (1, false));
     }
 
     #[test]
