@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -32,7 +32,7 @@ use crate::model::LoadedModel;
 use crate::offsets::{OffsetRef, OffsetTracker, Partition};
 use crate::signals;
 use crate::sink::{Sink, SinkError};
-use crate::source::{self, SourceConsumer, SourceContext, Topics};
+use crate::source::{self, Source, SourceConsumer, SourceContext, Topics};
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
@@ -126,7 +126,7 @@ pub async fn run(
     let mut fatal = Fatal { sink: sink_errors, model: model_errors };
 
     let context = SourceContext { tracker: tracker.clone(), assignment: health.assignment.clone() };
-    let consumer = source::subscribe(&config, context).map_err(PipelineError::Consumer)?;
+    let mut source = Source::start(&config, context).map_err(PipelineError::Consumer)?;
     tracing::info!(inputs = config.inputs.len(), group = %config.kafka.group_id, "consuming");
     let mut processor = Processor {
         topics: Topics::new(&config),
@@ -140,10 +140,10 @@ pub async fn run(
         records_in: 0,
     };
 
-    let reason = processor.consume(&consumer, &config, options, &mut fatal).await?;
+    let reason = processor.consume(&mut source, &config, options, &mut fatal).await?;
     tracing::info!(?reason, "draining");
     let timeout = config.shutdown.drain_timeout;
-    tokio::time::timeout(timeout, processor.drain(&consumer, publisher, &mut fatal))
+    tokio::time::timeout(timeout, processor.drain(&mut source, publisher, &mut fatal))
         .await
         .map_err(|_| PipelineError::DrainTimeout(timeout))??;
     tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
@@ -188,7 +188,7 @@ impl Processor {
     /// The consuming phase.
     async fn consume(
         &mut self,
-        consumer: &SourceConsumer,
+        source: &mut Source,
         config: &Config,
         options: RunOptions,
         fatal: &mut Fatal,
@@ -205,16 +205,16 @@ impl Processor {
                 biased;
                 err = fatal.next() => return Err(err),
                 () = &mut shutdown => return Ok(StopReason::Signal),
-                _ = coalesce.tick() => self.dispatch_due(consumer)?,
-                _ = commit.tick() => self.commit(consumer, CommitMode::Async),
-                _ = housekeeping.tick() => self.housekeeping(consumer).await,
+                _ = coalesce.tick() => self.dispatch_due(source.consumer())?,
+                _ = commit.tick() => self.commit(source.consumer(), CommitMode::Async),
+                _ = housekeeping.tick() => self.housekeeping(source.consumer()).await,
                 _ = caught_up.tick(), if options.until_caught_up => {
-                    if self.is_caught_up(consumer).await {
+                    if self.is_caught_up(source.consumer()).await {
                         return Ok(StopReason::CaughtUp);
                     }
                 }
                 // Last, so that a backlog of records cannot starve the timers above.
-                message = consumer.recv() => match message {
+                message = source.recv() => match message {
                     Ok(message) => self.handle(&message).await,
                     Err(err) => self.client_error(&err),
                 },
@@ -223,7 +223,7 @@ impl Processor {
     }
 
     /// One input record: decode, then window or DLQ.
-    async fn handle(&mut self, message: &BorrowedMessage<'_>) {
+    async fn handle(&mut self, message: &OwnedMessage) {
         self.health.broker_down.store(false, Ordering::SeqCst);
         self.last_record = Instant::now();
         self.records_in += 1;
@@ -262,7 +262,7 @@ impl Processor {
     /// Counts, logs and dead-letters a rejected record. One place for all rejections.
     async fn reject(
         &mut self,
-        message: &BorrowedMessage<'_>,
+        message: &OwnedMessage,
         rejection: crate::event::Rejection,
         token: OffsetRef,
     ) {
@@ -433,7 +433,7 @@ impl Processor {
     /// acknowledgement, commit, leave the group.
     async fn drain(
         &mut self,
-        consumer: &SourceConsumer,
+        source: &mut Source,
         publisher: tokio::task::JoinHandle<()>,
         fatal: &mut Fatal,
     ) -> Result<(), PipelineError> {
@@ -450,8 +450,9 @@ impl Processor {
             err = fatal.next() => return Err(err),
             () = finish => {}
         }
-        self.commit(consumer, CommitMode::Sync);
-        consumer.unsubscribe();
+        source.stop();
+        self.commit(source.consumer(), CommitMode::Sync);
+        source.consumer().unsubscribe();
         Ok(())
     }
 }

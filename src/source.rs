@@ -6,11 +6,15 @@
 //! before they move to another instance, and forgets them.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::event::{self, Event, Format, RejectReason, Rejection};
@@ -83,7 +87,93 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<Partition> {
         .collect()
 }
 
-pub type SourceConsumer = rdkafka::consumer::StreamConsumer<SourceContext>;
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
+/// Records (or consumer errors) handed from the polling thread to the pipeline.
+pub type Polled = Result<OwnedMessage, KafkaError>;
+
+/// Records buffered between the polling thread and the pipeline.
+const POLLED_CAPACITY: usize = 1024;
+/// Longest one poll waits, and so the longest the thread takes to notice a stop.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The consumer and the thread that polls it.
+///
+/// librdkafka needs `poll` at least every `max.poll.interval.ms`, also while every partition
+/// is paused for backpressure; a thread of its own polls continuously and hands records over
+/// a bounded channel, so the pipeline may pause, commit and query the consumer at any time
+/// without ever being the one that keeps it alive.
+pub struct Source {
+    consumer: Arc<SourceConsumer>,
+    /// Records from the polling thread; closed when the thread stops.
+    records: mpsc::Receiver<Polled>,
+    /// Tells the polling thread to stop; set by [`Source::stop`] and on drop.
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Source {
+    /// Creates the consumer, subscribes it to every input topic and starts polling.
+    pub fn start(config: &Config, context: SourceContext) -> Result<Source, KafkaError> {
+        let consumer: SourceConsumer = consumer_config(config).create_with_context(context)?;
+        let topics: Vec<&str> = config.inputs.iter().map(|i| i.topic.as_str()).collect();
+        consumer.subscribe(&topics)?;
+        let consumer = Arc::new(consumer);
+        let (sender, records) = mpsc::channel(POLLED_CAPACITY);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("mindstream-poll".into())
+            .spawn({
+                let (consumer, stop) = (consumer.clone(), stop.clone());
+                move || poll_loop(&consumer, &sender, &stop)
+            })
+            .map_err(|e| {
+                KafkaError::ClientCreation(format!("cannot start the poll thread: {e}"))
+            })?;
+        Ok(Source { consumer, records, stop, thread: Some(thread) })
+    }
+
+    pub fn consumer(&self) -> &SourceConsumer {
+        &self.consumer
+    }
+
+    /// The next record or consumer error; pending forever once the thread has stopped.
+    pub async fn recv(&mut self) -> Polled {
+        match self.records.recv().await {
+            Some(polled) => polled,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops polling; records not yet handed over are left for the next owner of the
+    /// partitions (their offsets are not committed).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.records.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn poll_loop(consumer: &SourceConsumer, sender: &mpsc::Sender<Polled>, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let polled = match consumer.poll(POLL_TIMEOUT) {
+            None => continue,
+            Some(Ok(message)) => Ok(message.detach()),
+            Some(Err(err)) => Err(err),
+        };
+        if sender.blocking_send(polled).is_err() {
+            return;
+        }
+    }
+}
 
 /// Consumer properties: manual commits from the beginning of the topic for a new group; then
 /// the user's `kafka.client` and `kafka.consumer` maps, which win.
@@ -99,14 +189,6 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         client.set(key, value);
     }
     client
-}
-
-/// Creates the consumer and subscribes it to every input topic.
-pub fn subscribe(config: &Config, context: SourceContext) -> Result<SourceConsumer, KafkaError> {
-    let consumer: SourceConsumer = consumer_config(config).create_with_context(context)?;
-    let topics: Vec<&str> = config.inputs.iter().map(|i| i.topic.as_str()).collect();
-    consumer.subscribe(&topics)?;
-    Ok(consumer)
 }
 
 /// Input topics by name, with their format and an interned name for lineage.
