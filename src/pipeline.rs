@@ -194,26 +194,26 @@ impl Processor {
         fatal: &mut Fatal,
     ) -> Result<StopReason, PipelineError> {
         let tick_period = (config.scoring.coalesce / 4).clamp(Duration::from_millis(1), TICK_MAX);
-        let mut coalesce = tokio::time::interval(tick_period);
-        let mut commit = tokio::time::interval(config.kafka.commit_interval);
-        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_PERIOD);
-        let mut caught_up = tokio::time::interval(CAUGHT_UP_PERIOD);
+        let mut coalesce = interval(tick_period);
+        let mut commit = interval(config.kafka.commit_interval);
+        let mut housekeeping = interval(HOUSEKEEPING_PERIOD);
+        let mut caught_up = interval(CAUGHT_UP_PERIOD);
         let shutdown = shutdown_signal();
         tokio::pin!(shutdown);
         loop {
+            // Unbiased: tokio picks among ready branches at random, so neither a backlog of
+            // records nor the timers can starve the other.
             tokio::select! {
-                biased;
                 err = fatal.next() => return Err(err),
                 () = &mut shutdown => return Ok(StopReason::Signal),
                 _ = coalesce.tick() => self.dispatch_due(source.consumer())?,
                 _ = commit.tick() => self.commit(source.consumer(), CommitMode::Async),
                 _ = housekeeping.tick() => self.housekeeping(source.consumer()).await,
                 _ = caught_up.tick(), if options.until_caught_up => {
-                    if self.is_caught_up(source.consumer()).await {
+                    if self.is_caught_up(source).await {
                         return Ok(StopReason::CaughtUp);
                     }
                 }
-                // Last, so that a backlog of records cannot starve the timers above.
                 message = source.recv() => match message {
                     Ok(message) => self.handle(&message).await,
                     Err(err) => self.client_error(&err),
@@ -415,15 +415,18 @@ impl Processor {
 
     /// Every assigned partition read to its end, nothing dirty, nothing in flight, and no
     /// record for [`CAUGHT_UP_QUIET`] (some brokers report high watermarks below the end).
-    async fn is_caught_up(&self, consumer: &SourceConsumer) -> bool {
+    async fn is_caught_up(&self, source: &Source) -> bool {
         let open = self.tracker.lock().expect("offset tracker lock poisoned").open_count();
-        if open > 0 || self.store.dirty() > 0 || self.sink.in_flight() > 0 {
+        if open > 0 || source.buffered() > 0 || self.sink.in_flight() > 0 {
+            return false;
+        }
+        if self.store.dirty() > 0 {
             return false;
         }
         if self.last_record.elapsed() < CAUGHT_UP_QUIET {
             return false;
         }
-        match self.lag(consumer).await {
+        match self.lag(source.consumer()).await {
             Some(lags) => lags.iter().all(|(_, lag)| *lag == 0),
             None => false,
         }
@@ -458,7 +461,7 @@ impl Processor {
 }
 
 /// Longest pause between coalescing checks.
-const TICK_MAX: Duration = Duration::from_millis(50);
+const TICK_MAX: Duration = Duration::from_millis(10);
 /// How often gauges, eviction, lag and the progress line are refreshed.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 /// How often `until_caught_up` looks at the partitions' ends.
@@ -467,6 +470,13 @@ const CAUGHT_UP_PERIOD: Duration = Duration::from_millis(500);
 const CAUGHT_UP_QUIET: Duration = Duration::from_secs(2);
 /// Bound on one watermark query.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A timer that, after a late tick, waits a whole period again instead of catching up.
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
 
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {

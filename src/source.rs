@@ -145,6 +145,11 @@ impl Source {
         }
     }
 
+    /// Records polled and not yet taken by the pipeline.
+    pub fn buffered(&self) -> usize {
+        self.records.len()
+    }
+
     /// Stops polling; records not yet handed over are left for the next owner of the
     /// partitions (their offsets are not committed).
     pub fn stop(&mut self) {
@@ -170,9 +175,11 @@ fn poll_loop(consumer: &SourceConsumer, sender: &mpsc::Sender<Polled>, stop: &At
             Some(Err(err)) => Err(err),
         };
         if sender.blocking_send(polled).is_err() {
+            tracing::debug!("poll thread stopped: the pipeline closed its end");
             return;
         }
     }
+    tracing::debug!("poll thread stopped");
 }
 
 /// Consumer properties: manual commits from the beginning of the topic for a new group; then

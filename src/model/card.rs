@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::window::{WindowEvent, WindowSpec};
+use crate::window::{Detail, WindowEvent, WindowSpec};
 
 /// Version of the card format this build reads and writes.
 pub const CARD_VERSION: u32 = 1;
@@ -82,6 +82,8 @@ impl Status {
 #[serde(rename_all = "snake_case")]
 pub enum AppliesWhen {
     Always,
+    /// The window holds a click-stream event (view, cart, fav, buy, remove-cart).
+    HasClick,
     /// The window holds a cart event.
     HasCart,
     /// The window holds a review.
@@ -98,6 +100,7 @@ impl AppliesWhen {
         let mut events = events.into_iter();
         match self {
             AppliesWhen::Always => true,
+            AppliesWhen::HasClick => events.any(|e| matches!(e.detail, Detail::Click { .. })),
             AppliesWhen::HasCart => events.any(WindowEvent::is_cart),
             AppliesWhen::HasReview => events.any(WindowEvent::is_review),
             AppliesWhen::HasPrice => events.any(WindowEvent::is_priced),

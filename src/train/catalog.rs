@@ -48,7 +48,7 @@ pub fn head_signals() -> Vec<SignalSpec> {
             "probability that the user buys within 20 minutes of the window's newest event",
             "a buy event by the user within the horizon after the window (Taobao click stream)",
             Status::Stable,
-            AppliesWhen::Always,
+            AppliesWhen::HasClick,
             Some("20m"),
             &["taobao"],
         ),
@@ -66,7 +66,7 @@ pub fn head_signals() -> Vec<SignalSpec> {
             "probability that the user has no activity within 90 days",
             "no purchase within the horizon after the window (CDNOW purchase log)",
             Status::Experimental,
-            AppliesWhen::Always,
+            AppliesWhen::HasClick,
             Some("90d"),
             &["cdnow"],
         ),
@@ -126,7 +126,7 @@ pub fn click_labellers() -> Vec<Labeller> {
         Labeller {
             signal: PURCHASE_INTENT,
             horizon_ms: CLICK_HORIZON_MS,
-            applies_when: AppliesWhen::Always,
+            applies_when: AppliesWhen::HasClick,
             label: Box::new(|input| {
                 observed(input, CLICK_HORIZON_MS)
                     .then(|| within(input, CLICK_HORIZON_MS).any(is_buy))
@@ -150,7 +150,7 @@ pub fn purchase_labellers(median_unit_price: f64) -> Vec<Labeller> {
         Labeller {
             signal: CHURN_RISK,
             horizon_ms: CHURN_HORIZON_MS,
-            applies_when: AppliesWhen::Always,
+            applies_when: AppliesWhen::HasClick,
             label: Box::new(|input| {
                 observed(input, CHURN_HORIZON_MS)
                     .then(|| within(input, CHURN_HORIZON_MS).next().is_none())

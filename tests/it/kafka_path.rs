@@ -184,9 +184,13 @@ fn events_in_signals_out_with_dlq_and_commits() {
         records.len(),
         String::from_utf8_lossy(&output.stderr)
     );
+    let reviewer_keys: BTreeSet<String> =
+        fixture.reviews.iter().map(|e| key.key(&e.user_id)).collect();
     for record in latest.values() {
         assert!(record.scores.iter().all(|s| (0.0..=1.0).contains(&s.value)));
-        assert!(record.score("purchase_intent").is_some());
+        let reviewer = reviewer_keys.contains(&record.user_key);
+        assert_eq!(record.score("purchase_intent").is_some(), !reviewer, "click heads");
+        assert_eq!(record.score("sentiment").is_some(), reviewer, "review heads");
         assert!(!record.lineage.topic.is_empty() && record.lineage.offset >= 0);
     }
     let reviewers: Vec<&SignalRecord> =
