@@ -7,20 +7,10 @@ use ort::value::Tensor as OrtTensor;
 use super::*;
 use crate::model::card::HeadWeights;
 use crate::model::{heads as processor, runtime};
-use crate::train::gpt2::{pool, Gpt2Config};
+use crate::train::gpt2::pool;
+use crate::train::gpt2::testing::{max_abs_diff, tiny_config};
 
 const SIGNALS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
-
-fn tiny_config() -> Gpt2Config {
-    Gpt2Config {
-        vocab_size: 300,
-        n_positions: 64,
-        n_embd: 32,
-        n_layer: 2,
-        n_head: 4,
-        layer_norm_epsilon: 1e-5,
-    }
-}
 
 /// Right-padded rows of the given lengths with pseudo-random ids; the padding holds ids
 /// too, so a graph that ignored the mask would give different answers.
@@ -34,11 +24,6 @@ fn padded_batch(lengths: &[usize], seq: usize) -> (Vec<i64>, Vec<i64>) {
         }
     }
     (ids, mask)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 struct OrtOutputs {

@@ -60,7 +60,7 @@ mod layers;
 mod model;
 mod pool;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod trainer;
 
 use std::path::PathBuf;

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use super::{Gpt2, Gpt2Config};
 
-pub(super) fn tiny_config() -> Gpt2Config {
+pub(crate) fn tiny_config() -> Gpt2Config {
     Gpt2Config {
         vocab_size: 300,
         n_positions: 64,
@@ -16,12 +16,12 @@ pub(super) fn tiny_config() -> Gpt2Config {
     }
 }
 
-pub(super) fn tiny_model(seed: u64) -> Gpt2 {
+pub(crate) fn tiny_model(seed: u64) -> Gpt2 {
     Gpt2::new_random(tiny_config(), &Device::Cpu, seed).unwrap()
 }
 
 /// Right-padded rows of the given lengths: `(input_ids, attention_mask)` as i64 tensors.
-pub(super) fn padded(rows: &[Vec<i64>], seq: usize) -> (Tensor, Tensor) {
+pub(crate) fn padded(rows: &[Vec<i64>], seq: usize) -> (Tensor, Tensor) {
     let mut ids = Vec::new();
     let mut mask = Vec::new();
     for row in rows {
@@ -36,15 +36,15 @@ pub(super) fn padded(rows: &[Vec<i64>], seq: usize) -> (Tensor, Tensor) {
     )
 }
 
-pub(super) fn row(len: usize, salt: i64) -> Vec<i64> {
+pub(crate) fn row(len: usize, salt: i64) -> Vec<i64> {
     (0..len as i64).map(|t| (t * 37 + salt * 11 + 3) % 300).collect()
 }
 
-pub(super) fn to_vec(t: &Tensor) -> Vec<f32> {
+pub(crate) fn to_vec(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
-pub(super) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
