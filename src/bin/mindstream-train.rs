@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use mindstream::cli::{self, EXIT_FAILURE};
 use mindstream::event::{self, Format};
 use mindstream::import::{self, Source};
+use mindstream::model::card::{Evaluation, Figures};
 use mindstream::train::build::{self, BuildOptions};
+use mindstream::train::catalog::Horizons;
+use mindstream::train::evaluate;
+use mindstream::train::frozen;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -42,6 +46,9 @@ enum Command {
         data: PathBuf,
         #[arg(long, default_value = "models")]
         out: PathBuf,
+        /// Folder of the evaluation report (Markdown and plots).
+        #[arg(long, default_value = "docs/evaluation")]
+        report: PathBuf,
         /// Optimiser steps of the language model.
         #[arg(long, default_value_t = BuildOptions::default().lm_steps)]
         lm_steps: usize,
@@ -56,6 +63,76 @@ enum Command {
         /// Fine-tuning steps on the signal labels (0: heads on the language model only).
         #[arg(long, default_value_t = BuildOptions::default().finetune_steps)]
         finetune_steps: usize,
+        /// Label horizon of purchase intent and cart abandonment (e.g. `20m`).
+        #[arg(long, default_value = "20m", value_parser = parse_horizon)]
+        click_horizon: i64,
+        /// Label horizon of churn risk (e.g. `90d`).
+        #[arg(long, default_value = "90d", value_parser = parse_horizon)]
+        churn_horizon: i64,
+        /// Label horizon of price sensitivity (e.g. `180d`).
+        #[arg(long, default_value = "180d", value_parser = parse_horizon)]
+        price_horizon: i64,
+        /// Start from a Hugging Face GPT-2 folder (config.json, model.safetensors, and
+        /// tokenizer.json or vocab.json + merges.txt) instead of training a tokenizer and
+        /// starting from random weights.
+        #[arg(long)]
+        init_from: Option<PathBuf>,
+        /// Save training checkpoints in this folder.
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        /// Language-model steps between checkpoints.
+        #[arg(long, default_value_t = BuildOptions::default().checkpoint_every)]
+        checkpoint_every: usize,
+        /// Continue from the newest checkpoint in --checkpoint-dir.
+        #[arg(long, requires = "checkpoint_dir")]
+        resume: bool,
+    },
+    /// Fit signal heads on a frozen ONNX GPT-2 (any graph with a `last_hidden_state` output)
+    /// and write a model folder whose card carries the heads.
+    Heads {
+        /// The backbone graph; a config.json next to it, if any, gives the card its sizes.
+        #[arg(long)]
+        backbone: PathBuf,
+        /// tokenizer.json, or a folder with it or with vocab.json + merges.txt.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Folder of the public data sets (the layout of ../shared/data).
+        #[arg(long, default_value = "../shared/data")]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Most training examples per data set.
+        #[arg(long, default_value_t = BuildOptions::default().max_train)]
+        max_train: usize,
+        /// Most validation and test examples per data set.
+        #[arg(long, default_value_t = BuildOptions::default().max_eval)]
+        max_eval: usize,
+        /// Longest token sequence (capped at the backbone's n_positions when known).
+        #[arg(long, default_value_t = BuildOptions::default().max_tokens)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = BuildOptions::default().seed)]
+        seed: u64,
+    },
+    /// Score a model folder on the test splits of the public data sets (the examples `build`
+    /// makes with the same caps and seed) against baselines, and write the evaluation report.
+    Evaluate {
+        /// The model folder (model.json, model.onnx, tokenizer).
+        #[arg(long, default_value = "models")]
+        model: PathBuf,
+        /// Folder of the public data sets (the layout of ../shared/data).
+        #[arg(long, default_value = "../shared/data")]
+        data: PathBuf,
+        /// Folder of the report (Markdown and plots).
+        #[arg(long, default_value = "docs/evaluation")]
+        report: PathBuf,
+        /// Most training examples per data set.
+        #[arg(long, default_value_t = BuildOptions::default().max_train)]
+        max_train: usize,
+        /// Most validation and test examples per data set.
+        #[arg(long, default_value_t = BuildOptions::default().max_eval)]
+        max_eval: usize,
+        #[arg(long, default_value_t = BuildOptions::default().seed)]
+        seed: u64,
     },
 }
 
@@ -68,37 +145,140 @@ fn main() -> ExitCode {
         Command::Import { source, input, output, limit } => {
             run_import(source, &input, &output, limit)
         }
-        Command::Build { data, out, lm_steps, seed, max_train, max_eval, finetune_steps } => {
+        Command::Build {
+            data,
+            out,
+            report,
+            lm_steps,
+            seed,
+            max_train,
+            max_eval,
+            finetune_steps,
+            click_horizon,
+            churn_horizon,
+            price_horizon,
+            init_from,
+            checkpoint_dir,
+            checkpoint_every,
+            resume,
+        } => {
             let options = BuildOptions {
                 data,
                 out,
+                report,
                 lm_steps,
                 seed,
                 max_train,
                 max_eval,
                 finetune_steps,
+                horizons: Horizons {
+                    click_ms: click_horizon,
+                    churn_ms: churn_horizon,
+                    price_ms: price_horizon,
+                },
+                init_from,
+                checkpoint_dir,
+                checkpoint_every,
+                resume,
                 ..Default::default()
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             match build::build(&options, &command) {
                 Ok(card) => {
-                    for row in &card.evaluation {
-                        println!(
-                            "{:<18} {:<11} test n={:<6} AUC {:.4}  baseline {:.4} ({})",
-                            row.signal,
-                            row.dataset,
-                            row.examples,
-                            row.auc,
-                            row.baseline_auc,
-                            row.baseline
-                        );
-                    }
+                    print_evaluation(&card.evaluation);
                     println!("model {} written to {}", card.model_version, options.out.display());
+                    println!("evaluation report written to {}", options.report.display());
                     ExitCode::SUCCESS
                 }
                 Err(err) => cli::report(&err, EXIT_FAILURE),
             }
         }
+        Command::Heads {
+            backbone,
+            tokenizer,
+            data,
+            out,
+            max_train,
+            max_eval,
+            max_tokens,
+            seed,
+        } => run_heads(frozen::HeadsOptions {
+            backbone,
+            tokenizer,
+            build: BuildOptions {
+                data,
+                out,
+                max_train,
+                max_eval,
+                max_tokens,
+                seed,
+                ..Default::default()
+            },
+        }),
+        Command::Evaluate { model, data, report, max_train, max_eval, seed } => {
+            let options = BuildOptions { data, max_train, max_eval, seed, ..Default::default() };
+            run_evaluate(&model, &options, &report)
+        }
+    }
+}
+
+/// `mindstream-train evaluate`: writes the report and prints the figures.
+fn run_evaluate(model: &Path, options: &BuildOptions, report: &Path) -> ExitCode {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let to = evaluate::Destination { dir: report, command: &command };
+    match evaluate::evaluate_folder(model, options, to) {
+        Ok(outcome) => {
+            print_evaluation(&outcome.evaluations());
+            println!("evaluation report written to {}", report.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => cli::report(&err, EXIT_FAILURE),
+    }
+}
+
+/// One line per signal and data set: AUC and calibrated ECE of the model and the baseline.
+fn print_evaluation(rows: &[Evaluation]) {
+    for row in rows {
+        let ece = |f: Option<&Figures>| f.map_or(f64::NAN, |f| f.ece);
+        let baseline = row.baselines.first().map(|b| &b.figures);
+        println!(
+            "{:<18} {:<11} test n={:<6} AUC {:.4} ECE {:.4}  baseline AUC {:.4} ECE {:.4} ({})",
+            row.signal,
+            row.dataset,
+            row.examples,
+            row.auc,
+            ece(row.model.as_ref()),
+            row.baseline_auc,
+            ece(baseline),
+            row.baseline
+        );
+    }
+}
+
+/// A label horizon such as `20m` or `90d`, in milliseconds; it must be positive.
+fn parse_horizon(text: &str) -> Result<i64, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    match i64::try_from(duration.as_millis()) {
+        Ok(ms) if ms > 0 => Ok(ms),
+        _ => Err(format!("`{text}` is not a positive duration")),
+    }
+}
+
+/// `mindstream-train heads`: prints the evaluation like `build` does.
+fn run_heads(options: frozen::HeadsOptions) -> ExitCode {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    match frozen::heads(&options, &command) {
+        Ok(card) => {
+            for row in &card.evaluation {
+                println!(
+                    "{:<18} {:<11} test n={:<6} AUC {:.4}  baseline {:.4} ({})",
+                    row.signal, row.dataset, row.examples, row.auc, row.baseline_auc, row.baseline
+                );
+            }
+            println!("model {} written to {}", card.model_version, options.build.out.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => cli::report(&err, EXIT_FAILURE),
     }
 }
 

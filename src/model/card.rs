@@ -38,6 +38,11 @@ pub struct ModelCard {
     /// Head weights for graphs that output only `last_hidden_state`.
     #[serde(default)]
     pub heads: Option<HeadWeights>,
+    /// Platt scaling of each head, in the order of `signals`, applied to every score served;
+    /// empty in cards written before calibration, whose scores are served as the heads give
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calibration: Vec<Platt>,
     pub backbone: Backbone,
     #[serde(default)]
     pub training: Option<Training>,
@@ -127,6 +132,37 @@ pub struct HeadWeights {
     pub bias: Vec<f32>,
 }
 
+/// Platt scaling of one head: `p = sigmoid(a · logit(raw) + b)`, fitted on the validation
+/// split after the heads (see `crate::train::calibrate`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Platt {
+    pub signal: String,
+    pub a: f64,
+    pub b: f64,
+}
+
+/// Raw scores are kept this far from 0 and 1 before taking their logit, so that a saturated
+/// head still maps to a finite calibrated score.
+const RAW_MARGIN: f64 = 1e-7;
+
+impl Platt {
+    /// The calibration that changes nothing.
+    pub fn identity(signal: &str) -> Platt {
+        Platt { signal: signal.into(), a: 1.0, b: 0.0 }
+    }
+
+    /// The calibrated probability of a raw head output.
+    pub fn apply(&self, raw: f32) -> f32 {
+        (1.0 / (1.0 + (-(self.a * Platt::logit(raw) + self.b)).exp())) as f32
+    }
+
+    /// The logit of a raw head output, finite even for a saturated head.
+    pub fn logit(raw: f32) -> f64 {
+        let p = f64::from(raw).clamp(RAW_MARGIN, 1.0 - RAW_MARGIN);
+        (p / (1.0 - p)).ln()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Backbone {
     pub architecture: String,
@@ -157,7 +193,8 @@ pub struct DataSet {
     pub terms: String,
 }
 
-/// One evaluation figure with its baseline, computed on the same examples.
+/// The figures of one signal on one data set's test split, for the model and for baselines
+/// fitted on the same training examples.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub signal: String,
@@ -165,9 +202,65 @@ pub struct Evaluation {
     pub split: String,
     pub examples: usize,
     pub positives: usize,
+    /// AUC of the model's scores as served (NaN, written `null`, without both classes).
+    #[serde(deserialize_with = "nan_when_null")]
     pub auc: f64,
+    /// The logistic-regression baseline and its AUC.
     pub baseline: String,
+    #[serde(deserialize_with = "nan_when_null")]
     pub baseline_auc: f64,
+    /// The model's scores as served, after calibration; absent in older cards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<Figures>,
+    /// The model's raw head outputs, before calibration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncalibrated: Option<Figures>,
+    /// Every baseline, the one above included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<BaselineFigures>,
+}
+
+/// What one set of scores achieves against the labels.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    /// Area under the ROC curve; `None` without both classes.
+    pub auc: Option<f64>,
+    /// Share of examples on the right side of 0.5.
+    pub accuracy: f64,
+    /// Mean negative log-likelihood.
+    pub log_loss: f64,
+    /// Expected calibration error: 10 equal-width score bins, |mean score − positive rate|
+    /// weighted by the share of examples in the bin.
+    pub ece: f64,
+}
+
+/// A baseline's name and figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaselineFigures {
+    pub name: String,
+    #[serde(flatten)]
+    pub figures: Figures,
+}
+
+/// Reads a figure that was written as `null` because it was NaN.
+fn nan_when_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
+/// An empty calibration, or one finite Platt scaling per signal, in the signals' order.
+fn check_calibration(card: &ModelCard) -> Result<(), String> {
+    if card.calibration.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = card.signals.iter().map(|s| s.name.as_str()).collect();
+    let calibrated: Vec<&str> = card.calibration.iter().map(|c| c.signal.as_str()).collect();
+    if names != calibrated {
+        return Err(format!("calibration covers {calibrated:?}, the signals are {names:?}"));
+    }
+    match card.calibration.iter().find(|c| !c.a.is_finite() || !c.b.is_finite()) {
+        Some(bad) => Err(format!("calibration of {} is not finite", bad.signal)),
+        None => Ok(()),
+    }
 }
 
 /// The card could not be read or does not fit this build.
@@ -222,6 +315,7 @@ impl ModelCard {
                 )));
             }
         }
+        check_calibration(&card).map_err(unsupported)?;
         Ok(card)
     }
 
@@ -234,5 +328,38 @@ impl ModelCard {
     /// Index of a head signal by name.
     pub fn signal_index(&self, name: &str) -> Option<usize> {
         self.signals.iter().position(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An evaluation row as cards wrote it before the calibrated figures existed still reads;
+    /// an AUC that was NaN (written `null`) reads back as NaN.
+    #[test]
+    fn older_evaluation_rows_read() {
+        let old = r#"{"signal": "sentiment", "dataset": "reviews-en", "split": "test",
+            "examples": 10, "positives": 4, "auc": 0.91, "baseline": "bag",
+            "baseline_auc": null}"#;
+        let row: Evaluation = serde_json::from_str(old).unwrap();
+        assert_eq!(row.auc, 0.91);
+        assert!(row.baseline_auc.is_nan());
+        assert!(row.model.is_none() && row.uncalibrated.is_none() && row.baselines.is_empty());
+
+        let text = serde_json::to_string(&row).unwrap();
+        assert!(!text.contains("uncalibrated"), "{text}");
+        let back: Evaluation = serde_json::from_str(&text).unwrap();
+        assert!(back.baseline_auc.is_nan() && back.auc == 0.91);
+    }
+
+    #[test]
+    fn platt_scaling_maps_through_the_logit() {
+        let platt = Platt { signal: "s".into(), a: 2.0, b: -1.0 };
+        // logit(0.5) = 0, so the score is sigmoid(-1).
+        assert!((platt.apply(0.5) - 0.268_941_4).abs() < 1e-6);
+        assert_eq!(Platt::identity("s").apply(0.3), 0.3);
+        let saturated = platt.apply(1.0);
+        assert!(saturated.is_finite() && saturated > 0.99, "{saturated}");
     }
 }

@@ -60,7 +60,9 @@ impl LoadedModel {
     }
 }
 
-fn load_tokenizer(dir: &Path, card: &ModelCard) -> Result<TextTokenizer, TokenizeError> {
+/// The tokenizer the card names, else the one in `dir` (`tokenizer.json`, or GPT-2
+/// `vocab.json` + `merges.txt`).
+pub fn load_tokenizer(dir: &Path, card: &ModelCard) -> Result<TextTokenizer, TokenizeError> {
     let named = dir.join(&card.tokenizer_file);
     if !card.tokenizer_file.is_empty() && named.is_file() {
         return TextTokenizer::from_file(&named);

@@ -4,7 +4,9 @@
 //! inputs `input_ids` and `attention_mask` (int64, `[batch, seq]`, padding on the right), plus
 //! `position_ids` when the graph asks for it (`cumsum(mask) - 1`, as Hugging Face exports
 //! expect); output `scores` (`[batch, signals]`) when the heads are in the graph, else
-//! `last_hidden_state` with the card's head weights applied by [`crate::model::heads`].
+//! `last_hidden_state` with the card's head weights applied by [`crate::model::heads`]. Either
+//! way the card's Platt scaling, when it has one, turns the head outputs into the calibrated
+//! probabilities that every caller sees.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ use ort::value::Tensor;
 use sha2::{Digest, Sha256};
 
 use crate::config::{ExecutionProvider, ModelConfig};
-use crate::model::card::{HeadWeights, ModelCard};
+use crate::model::card::{HeadWeights, ModelCard, Platt};
 use crate::model::{heads, runtime};
 
 /// Turns token sequences into scores. One instance per worker thread (`Session::run` needs
@@ -59,6 +61,8 @@ pub struct OrtScorer {
     needs_position_ids: bool,
     output: Output,
     signals: usize,
+    /// One scaling per signal (column), or none for cards without calibration.
+    calibration: Vec<Platt>,
     /// The execution provider actually in use.
     provider: &'static str,
 }
@@ -96,7 +100,14 @@ impl OrtScorer {
                 "no `scores` or `last_hidden_state` output (has {outputs:?})"
             )));
         };
-        Ok(OrtScorer { session, needs_position_ids, output, signals: card.signals.len(), provider })
+        Ok(OrtScorer {
+            session,
+            needs_position_ids,
+            output,
+            signals: card.signals.len(),
+            calibration: card.calibration.clone(),
+            provider,
+        })
     }
 
     pub fn provider(&self) -> &'static str {
@@ -203,7 +214,7 @@ impl Scorer for OrtScorer {
             inputs.push(("position_ids".into(), tensor(positions)?.into()));
         }
         let outputs = self.session.run(inputs).map_err(ModelError::Run)?;
-        match &self.output {
+        let mut scores = match &self.output {
             Output::Scores => {
                 let (_, scores) =
                     outputs["scores"].try_extract_tensor::<f32>().map_err(ModelError::Run)?;
@@ -214,7 +225,7 @@ impl Scorer for OrtScorer {
                         self.signals
                     )));
                 }
-                Ok(scores.to_vec())
+                scores.to_vec()
             }
             Output::Hidden { heads: weights, n_embd } => {
                 let (_, hidden) = outputs["last_hidden_state"]
@@ -227,8 +238,23 @@ impl Scorer for OrtScorer {
                     )));
                 }
                 let pooled = heads::pool(hidden, batch, seq, *n_embd, &mask);
-                Ok(heads::apply(weights, &pooled, batch))
+                heads::apply(weights, &pooled, batch)
             }
+        };
+        calibrate(&self.calibration, &mut scores);
+        Ok(scores)
+    }
+}
+
+/// Applies one scaling per column to `scores` (`[rows, calibration.len()]`); nothing when
+/// there is no calibration.
+fn calibrate(calibration: &[Platt], scores: &mut [f32]) {
+    if calibration.is_empty() {
+        return;
+    }
+    for row in scores.chunks_exact_mut(calibration.len()) {
+        for (score, platt) in row.iter_mut().zip(calibration) {
+            *score = platt.apply(*score);
         }
     }
 }
@@ -258,6 +284,7 @@ mod tests {
             signals,
             derived: Vec::new(),
             heads,
+            calibration: Vec::new(),
             backbone: Backbone {
                 architecture: "gpt2".into(),
                 vocab_size: 100,
@@ -272,10 +299,9 @@ mod tests {
         }
     }
 
-    /// A graph with only `last_hidden_state` plus head weights in the card scores the same
-    /// as the graph with the heads inside; a file that does not match the card is refused.
-    #[test]
-    fn hidden_state_graphs_score_with_card_heads() {
+    /// Writes `inside.onnx` (two heads in the graph) and `outside.onnx` (backbone only) to
+    /// `dir`; returns the heads.
+    fn export_graphs(dir: &Path) -> Heads {
         let config = Gpt2Config {
             vocab_size: 100,
             n_positions: 32,
@@ -286,24 +312,38 @@ mod tests {
         };
         let model = Gpt2::new_random(config, &candle_core::Device::Cpu, 3).unwrap();
         let heads = Heads::new_random(2, 32, 4).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let (inside, outside) = (dir.path().join("inside.onnx"), dir.path().join("outside.onnx"));
+        let (inside, outside) = (dir.join("inside.onnx"), dir.join("outside.onnx"));
         let meta =
             ExportMeta { model_version: "test".into(), signals: vec!["a".into(), "b".into()] };
         export_onnx(&model, Some(&heads), &inside, &meta).unwrap();
         let bare = ExportMeta { model_version: "test".into(), signals: Vec::new() };
         export_onnx(&model, None, &outside, &bare).unwrap();
+        heads
+    }
 
+    const ROWS: [&[u32]; 3] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4]];
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// A graph with only `last_hidden_state` plus head weights in the card scores the same
+    /// as the graph with the heads inside; a file that does not match the card is refused.
+    #[test]
+    fn hidden_state_graphs_score_with_card_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let heads = export_graphs(dir.path());
+        let (inside, outside) = (dir.path().join("inside.onnx"), dir.path().join("outside.onnx"));
         let config = ModelConfig::default();
         let mut with_heads = OrtScorer::load(dir.path(), &card(&inside, None), &config).unwrap();
         let weights = HeadWeights::from(&heads);
         let card_heads = card(&outside, Some(weights));
         let mut from_card = OrtScorer::load(dir.path(), &card_heads, &config).unwrap();
-        let rows: [&[u32]; 3] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4]];
-        let a = with_heads.score(&rows).unwrap();
-        let b = from_card.score(&rows).unwrap();
+        let a = with_heads.score(&ROWS).unwrap();
+        let b = from_card.score(&ROWS).unwrap();
         assert_eq!(a.len(), 6);
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let diff = max_diff(&a, &b);
         assert!(diff < 1e-5, "graph heads and card heads differ by {diff}");
 
         let mut wrong = card(&inside, None);
@@ -313,5 +353,75 @@ mod tests {
         let no_heads = card(&outside, None);
         let err = OrtScorer::load(dir.path(), &no_heads, &config).err().unwrap();
         assert!(err.to_string().contains("no head weights"), "{err}");
+    }
+    /// Both score paths serve the card's Platt scaling of the raw head outputs, so the two
+    /// still agree; a calibration that does not match the signals is refused at load.
+    #[test]
+    fn card_calibration_applies_on_both_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let heads = export_graphs(dir.path());
+        let (inside, outside) = (dir.path().join("inside.onnx"), dir.path().join("outside.onnx"));
+        let config = ModelConfig::default();
+        let raw = OrtScorer::load(dir.path(), &card(&inside, None), &config)
+            .unwrap()
+            .score(&ROWS)
+            .unwrap();
+
+        let mut calibrated = card(&inside, None);
+        calibrated.calibration = calibrated
+            .signals
+            .iter()
+            .zip([(0.5, -1.0), (2.0, 0.7)])
+            .map(|(s, (a, b))| Platt { signal: s.name.clone(), a, b })
+            .collect();
+        let mut from_card = card(&outside, Some(HeadWeights::from(&heads)));
+        from_card.calibration = calibrated.calibration.clone();
+        let a = OrtScorer::load(dir.path(), &calibrated, &config).unwrap().score(&ROWS).unwrap();
+        let b = OrtScorer::load(dir.path(), &from_card, &config).unwrap().score(&ROWS).unwrap();
+        let want: Vec<f32> =
+            raw.iter().enumerate().map(|(k, &p)| calibrated.calibration[k % 2].apply(p)).collect();
+        assert!(max_diff(&a, &want) < 1e-6, "graph path: {a:?}, want {want:?}");
+        assert!(max_diff(&b, &want) < 1e-5, "card-heads path: {b:?}, want {want:?}");
+        assert!(max_diff(&a, &raw) > 0.01, "the calibration changed nothing: {a:?}");
+
+        let path = dir.path().join("model.json");
+        calibrated.calibration.pop();
+        calibrated.save(&path).unwrap();
+        let err = ModelCard::load(&path).err().unwrap();
+        assert!(err.to_string().contains("calibration covers"), "{err}");
+    }
+
+    /// A card written before calibration existed has no `calibration` key; it loads, and its
+    /// scores are the raw head outputs.
+    #[test]
+    fn cards_without_calibration_load_and_score_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        export_graphs(dir.path());
+        let inside = dir.path().join("inside.onnx");
+        let path = dir.path().join("model.json");
+        card(&inside, None).save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("calibration"), "an empty calibration was written: {text}");
+
+        let loaded = ModelCard::load(&path).unwrap();
+        assert!(loaded.calibration.is_empty());
+        let config = ModelConfig::default();
+        let scores = OrtScorer::load(dir.path(), &loaded, &config).unwrap().score(&ROWS).unwrap();
+        let mut session = runtime::cpu_session(
+            runtime::environment(&runtime::locate_library(None).unwrap()).unwrap(),
+            &inside,
+            1,
+        )
+        .unwrap();
+        let (seq, ids, mask, _) = pad_batch(&ROWS);
+        let shape = vec![ROWS.len() as i64, seq as i64];
+        let outputs = session
+            .run(ort::inputs![
+                "input_ids" => Tensor::from_array((shape.clone(), ids)).unwrap(),
+                "attention_mask" => Tensor::from_array((shape, mask)).unwrap(),
+            ])
+            .unwrap();
+        let (_, graph) = outputs["scores"].try_extract_tensor::<f32>().unwrap();
+        assert_eq!(scores, graph.to_vec(), "the scorer changed the graph's scores");
     }
 }

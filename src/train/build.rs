@@ -2,12 +2,16 @@
 //!
 //! 1. import the data sets into events;
 //! 2. point-in-time examples with time splits;
-//! 3. train a byte-level BPE tokenizer on training windows;
-//! 4. train a small GPT-2 on the next-token objective over training windows;
+//! 3. train a byte-level BPE tokenizer on training windows, or take a Hugging Face GPT-2
+//!    checkpoint's tokenizer and weights (`init_from`);
+//! 4. train a small GPT-2 on the next-token objective over training windows (checkpointed
+//!    and resumable with `checkpoint_dir`), then fine-tune it on the signal labels;
 //! 5. export the backbone and compute frozen features with ONNX Runtime;
 //! 6. fit one logistic head per signal on the training split;
-//! 7. export the graph with the heads, write the card, and evaluate the shipped file against
-//!    baselines fitted on the same examples.
+//! 7. export the graph with the heads and write the card;
+//! 8. fit the heads' Platt scaling on the validation split, evaluate the shipped file and
+//!    baselines fitted on the same examples on the test split, store the calibration and the
+//!    figures in the card, and write the evaluation report (`report`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,6 +30,8 @@ use crate::window::{StateSpec, WindowSpec};
 pub struct BuildOptions {
     pub data: PathBuf,
     pub out: PathBuf,
+    /// Folder of the evaluation report (Markdown and plots) written at the end.
+    pub report: PathBuf,
     pub vocab_size: usize,
     pub n_embd: usize,
     pub n_layer: usize,
@@ -44,6 +50,18 @@ pub struct BuildOptions {
     pub max_eval: usize,
     pub seed: u64,
     pub threads: usize,
+    /// A Hugging Face GPT-2 folder to start from instead of a trained tokenizer and random
+    /// weights (see [`crate::train::pretrained`]); the size fields above are then taken from
+    /// its `config.json` and `max_tokens` is capped at its `n_positions`.
+    pub init_from: Option<PathBuf>,
+    /// Where training checkpoints go (none without it); see [`crate::train::checkpoint`].
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Language-model steps between checkpoints.
+    pub checkpoint_every: usize,
+    /// Continue from the newest checkpoint in `checkpoint_dir`.
+    pub resume: bool,
+    /// How far after each window the labels look.
+    pub horizons: catalog::Horizons,
 }
 
 impl Default for BuildOptions {
@@ -51,6 +69,7 @@ impl Default for BuildOptions {
         BuildOptions {
             data: PathBuf::from("../shared/data"),
             out: PathBuf::from("models"),
+            report: PathBuf::from("docs/evaluation"),
             vocab_size: 8192,
             n_embd: 128,
             n_layer: 2,
@@ -58,13 +77,18 @@ impl Default for BuildOptions {
             max_tokens: 256,
             lm_steps: 1000,
             lm_batch_tokens: 2048,
-            finetune_steps: 700,
+            finetune_steps: 2000,
             finetune_lr: 1e-3,
             lr: 3e-3,
             max_train: 40_000,
             max_eval: 10_000,
             seed: 7,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            init_from: None,
+            checkpoint_dir: None,
+            checkpoint_every: 100,
+            resume: false,
+            horizons: catalog::Horizons::default(),
         }
     }
 }
@@ -85,8 +109,16 @@ pub enum BuildError {
     Missing(PathBuf),
     #[error(transparent)]
     Import(#[from] ImportError),
+    #[error("cannot start from the Hugging Face checkpoint")]
+    Pretrained(#[source] Box<crate::train::pretrained::PretrainedError>),
+    #[error("training checkpoint")]
+    Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
     #[error("{step}: {message}")]
     Step { step: &'static str, message: String },
+    #[error("scoring the examples")]
+    Score(#[from] crate::model::scorer::ModelError),
+    #[error(transparent)]
+    Report(#[from] crate::train::report::ReportError),
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -150,15 +182,17 @@ pub fn load_data_sets(options: &BuildOptions) -> Result<Vec<DataSet>, BuildError
     let mut sets = Vec::new();
 
     let events = import::events(import::Source::Taobao, &paths.taobao)?;
-    let plan = plan_for(&events, catalog::CLICK_HORIZON_MS);
-    let examples = dataset::examples(&events, &spec, &catalog::click_labellers(), OUTPUTS, &plan);
+    let horizons = &options.horizons;
+    let plan = plan_for(&events, horizons.click_ms);
+    let labellers = catalog::click_labellers(horizons);
+    let examples = dataset::examples(&events, &spec, &labellers, OUTPUTS, &plan);
     sets.push(data_set("taobao", &paths.taobao, TAOBAO_TERMS, events.len(), examples, options));
 
     let events = import::events(import::Source::Cdnow, &paths.cdnow)?;
-    let plan = plan_for(&events, catalog::PRICE_HORIZON_MS);
+    let plan = plan_for(&events, horizons.price_ms);
     let median = catalog::median_unit_price(&events, plan.validation_start_ms)
         .ok_or_else(|| BuildError::Step { step: "cdnow", message: "no priced buys".into() })?;
-    let labellers = catalog::purchase_labellers(median);
+    let labellers = catalog::purchase_labellers(median, horizons);
     let examples = dataset::examples(&events, &spec, &labellers, OUTPUTS, &plan);
     sets.push(data_set("cdnow", &paths.cdnow, CDNOW_TERMS, events.len(), examples, options));
 
@@ -228,15 +262,70 @@ pub fn tokenize(sets: &mut [DataSet], options: &BuildOptions) -> Result<TextToke
     let trained = crate::train::bpe::train(texts.iter(), options.vocab_size)
         .map_err(|e| BuildError::Step { step: "tokenizer", message: e.to_string() })?;
     let tokenizer = TextTokenizer::from_tokenizer(trained);
+    encode_sets(sets, &tokenizer, options.max_tokens)?;
+    Ok(tokenizer)
+}
+
+/// Token ids of every example's window, at most `max_tokens` each.
+pub fn encode_sets(
+    sets: &mut [DataSet],
+    tokenizer: &TextTokenizer,
+    max_tokens: usize,
+) -> Result<(), BuildError> {
     for set in sets.iter_mut() {
         set.tokens = set
             .examples
             .iter()
-            .map(|e| tokenizer.encode_window(&e.segments, options.max_tokens).map(|x| x.ids))
+            .map(|e| tokenizer.encode_window(&e.segments, max_tokens).map(|x| x.ids))
             .collect::<Result<_, _>>()
             .map_err(|e| BuildError::Step { step: "tokenize", message: e.to_string() })?;
     }
-    Ok(tokenizer)
+    Ok(())
+}
+
+/// The starting model and tokenizer: a Hugging Face checkpoint's (`init_from`, which also
+/// fixes the sizes in the returned options), or a tokenizer trained on the training windows
+/// and random weights. Tokenizes every example either way.
+fn starting_point(
+    sets: &mut [DataSet],
+    options: &BuildOptions,
+) -> Result<(TextTokenizer, crate::train::gpt2::Gpt2, BuildOptions), BuildError> {
+    use crate::train::gpt2::{Gpt2, Gpt2Config};
+    let device = candle_core::Device::Cpu;
+    let Some(dir) = &options.init_from else {
+        let tokenizer = tokenize(sets, options)?;
+        tracing::info!(vocab_size = tokenizer.vocab_size(), "tokenizer trained");
+        let config = Gpt2Config {
+            vocab_size: tokenizer.vocab_size(),
+            n_positions: options.max_tokens,
+            n_embd: options.n_embd,
+            n_layer: options.n_layer,
+            n_head: options.n_head,
+            layer_norm_epsilon: 1e-5,
+        };
+        let model = Gpt2::new_random(config, &device, options.seed)
+            .map_err(|e| step_err("language model")(e.to_string()))?;
+        return Ok((tokenizer, model, options.clone()));
+    };
+    let loaded = crate::train::pretrained::load(dir, &device)?;
+    let config = loaded.model.config().clone();
+    if options.max_tokens > config.n_positions {
+        tracing::warn!(
+            max_tokens = options.max_tokens,
+            n_positions = config.n_positions,
+            "max_tokens capped at the checkpoint's n_positions"
+        );
+    }
+    let options = BuildOptions {
+        vocab_size: config.vocab_size,
+        n_embd: config.n_embd,
+        n_layer: config.n_layer,
+        n_head: config.n_head,
+        max_tokens: options.max_tokens.min(config.n_positions),
+        ..options.clone()
+    };
+    encode_sets(sets, &loaded.tokenizer, options.max_tokens)?;
+    Ok((loaded.tokenizer, loaded.model, options))
 }
 
 /// Elapsed seconds since `started`, for the run facts.
@@ -279,11 +368,10 @@ pub fn build(
             "examples"
         );
     }
-    let tokenizer = tokenize(&mut sets, options)?;
-    let vocab_size = tokenizer.vocab_size();
-    tracing::info!(vocab_size, "tokenizer trained");
+    let (tokenizer, start, options) = starting_point(&mut sets, options)?;
+    let options = &options;
 
-    let (model, lm) = fit::train_language_model(&sets, vocab_size, options)?;
+    let (model, lm) = fit::train_language_model(&sets, start, options)?;
     tracing::info!(
         final_loss = lm.final_loss,
         validation_loss = lm.validation_loss,
@@ -308,15 +396,9 @@ pub fn build(
     let progress = fit::bar(total, "features");
     let mut features = Vec::with_capacity(sets.len());
     for set in &sets {
-        let pooled = crate::train::features::pooled(
-            &backbone,
-            &set.tokens,
-            options.n_embd,
-            options.threads,
-            64,
-            &progress,
-        )
-        .map_err(|e| step_err("features")(e.to_string()))?;
+        let pooled =
+            crate::train::features::pooled(&backbone, &set.tokens, options.threads, 64, &progress)
+                .map_err(|e| step_err("features")(e.to_string()))?;
         features.push(pooled);
     }
     progress.finish();
@@ -326,7 +408,7 @@ pub fn build(
     let flat: Vec<f32> = head_weights.weight.iter().flatten().copied().collect();
     let heads = Heads::new(2 * options.n_embd, flat, head_weights.bias.clone())
         .map_err(|e| step_err("heads")(e.to_string()))?;
-    let signals = catalog::head_signals();
+    let signals = catalog::head_signals_for(&options.horizons);
     let names: Vec<String> = signals.iter().map(|s| s.name.clone()).collect();
     let onnx = options.out.join("model.onnx");
     let provisional = ExportMeta { model_version: String::new(), signals: names.clone() };
@@ -385,6 +467,7 @@ pub fn build(
         signals,
         derived: catalog::derived_signals(),
         heads: None,
+        calibration: Vec::new(),
         backbone: Backbone {
             architecture: "gpt2".into(),
             vocab_size: config.vocab_size,
@@ -401,14 +484,14 @@ pub fn build(
     card.save(&card_path)
         .map_err(|source| BuildError::Write { path: card_path.clone(), source })?;
 
-    let model_config = crate::config::ModelConfig {
-        dir: options.out.clone(),
-        intra_threads: options.threads,
-        ..crate::config::ModelConfig::default()
-    };
-    let mut scorer = crate::model::scorer::OrtScorer::load(&options.out, &card, &model_config)
-        .map_err(|e| step_err("evaluation")(e.to_string()))?;
-    card.evaluation = fit::evaluate(&sets, &mut scorer, 64)?;
+    let report = crate::train::evaluate::Destination { dir: &options.report, command };
+    crate::train::evaluate::calibrate_and_evaluate(
+        &options.out,
+        &mut card,
+        &sets,
+        options.threads,
+        Some(report),
+    )?;
     if let Some(training) = &mut card.training {
         training.facts.insert("build_seconds".into(), seconds(started).into());
     }
@@ -416,7 +499,7 @@ pub fn build(
     Ok(card)
 }
 
-fn sha256_file(path: &Path) -> Result<String, BuildError> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String, BuildError> {
     use sha2::{Digest, Sha256};
     let bytes =
         std::fs::read(path).map_err(|source| BuildError::Write { path: path.into(), source })?;

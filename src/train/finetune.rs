@@ -17,6 +17,7 @@ use rand::SeedableRng;
 use crate::model::scorer::pad_batch;
 use crate::train::build::{BuildError, BuildOptions, DataSet};
 use crate::train::catalog::OUTPUTS;
+use crate::train::checkpoint::{self, Phase, Store};
 use crate::train::dataset::Split;
 use crate::train::fit::{bar, token_batches};
 use crate::train::gpt2::{self, Gpt2};
@@ -40,7 +41,47 @@ struct Row<'a> {
 }
 
 /// Trains `model`'s weights in place (its variables are shared with every clone).
+///
+/// With `options.checkpoint_dir` the result is saved as a checkpoint; with `options.resume`
+/// a finished fine-tuning is restored from it instead of run again (an interrupted one
+/// starts over: it is short next to the language model).
 pub fn fine_tune(
+    model: &Gpt2,
+    sets: &[DataSet],
+    options: &BuildOptions,
+) -> Result<FineTuneFacts, BuildError> {
+    let store = Store::open(options, model.config())?;
+    if let Some(saved) = store.as_ref().filter(|_| options.resume).map(Store::fine_tuned) {
+        if let Some(saved) = saved? {
+            saved.restore_weights(model).map_err(err)?;
+            tracing::info!(checkpoint = %saved.dir.display(), "fine-tuning restored");
+            return Ok(facts_from(&saved.state.facts));
+        }
+    }
+    let facts = train(model, sets, options)?;
+    if let Some(store) = &store {
+        let json = serde_json::json!({
+            "steps": facts.steps,
+            "first_loss": facts.first_loss,
+            "final_loss": facts.final_loss,
+            "seconds": facts.seconds,
+        });
+        store.save(Phase::FineTuned, facts.steps, json, model, None)?;
+    }
+    Ok(facts)
+}
+
+fn facts_from(value: &serde_json::Value) -> FineTuneFacts {
+    let number = |key: &str| value.get(key).map_or(f32::NAN, checkpoint::f32_or_nan);
+    FineTuneFacts {
+        steps: value.get("steps").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
+        first_loss: number("first_loss"),
+        final_loss: number("final_loss"),
+        seconds: value.get("seconds").and_then(|v| v.as_f64()).unwrap_or(0.0),
+    }
+}
+
+fn train(
     model: &Gpt2,
     sets: &[DataSet],
     options: &BuildOptions,

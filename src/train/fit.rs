@@ -1,5 +1,5 @@
-//! The learning steps of a build: the language model, the heads, the baselines, and the
-//! evaluation of the exported file.
+//! The learning steps of a build: the language model and the heads. The evaluation of the
+//! exported file against baselines is in [`crate::train::evaluate`].
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -8,12 +8,13 @@ use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::model::card::{Evaluation, HeadWeights};
-use crate::model::scorer::{pad_batch, Scorer};
+use crate::model::card::HeadWeights;
+use crate::model::scorer::pad_batch;
 use crate::train::build::{BuildError, BuildOptions, DataSet};
 use crate::train::catalog;
+use crate::train::checkpoint::{self, Phase, Store};
 use crate::train::dataset::Split;
-use crate::train::gpt2::{Gpt2, Gpt2Config, LmTrainConfig, LmTrainer};
+use crate::train::gpt2::{Gpt2, LmTrainConfig, LmTrainer};
 use crate::train::linear;
 
 /// How the language model did.
@@ -49,21 +50,30 @@ fn sequences(sets: &[DataSet], split: Split) -> Vec<&[u32]> {
         .collect()
 }
 
-/// Trains a GPT-2 from random weights on the training windows of every data set.
+/// Trains `model` (random or pretrained weights) on the next-token objective over the
+/// training windows of every data set, for `options.lm_steps` steps (0: left as it is).
+///
+/// With `options.checkpoint_dir` it saves a checkpoint every `options.checkpoint_every` steps
+/// and at the end; with `options.resume` it continues from the newest one, replaying the
+/// batch order and restoring the AdamW moments, so the result equals an uninterrupted run.
 pub fn train_language_model(
     sets: &[DataSet],
-    vocab_size: usize,
+    model: Gpt2,
     options: &BuildOptions,
 ) -> Result<(Gpt2, LmFacts), BuildError> {
-    let config = Gpt2Config {
-        vocab_size,
-        n_positions: options.max_tokens,
-        n_embd: options.n_embd,
-        n_layer: options.n_layer,
-        n_head: options.n_head,
-        layer_norm_epsilon: 1e-5,
+    let store = Store::open(options, model.config())?;
+    let resumed = match &store {
+        Some(store) if options.resume => store.newest_language_model()?,
+        _ => None,
     };
-    let model = Gpt2::new_random(config, &Device::Cpu, options.seed).map_err(lm_err)?;
+    if let Some(saved) = &resumed {
+        saved.restore_weights(&model).map_err(lm_err)?;
+        tracing::info!(checkpoint = %saved.dir.display(), step = saved.state.step,
+            "language model resumed from a checkpoint");
+        if saved.state.phase == Phase::LanguageModelDone {
+            return Ok((model, lm_facts_from(&saved.state.facts)));
+        }
+    }
     let schedule = LmTrainConfig {
         lr: options.lr,
         total_steps: options.lm_steps,
@@ -71,29 +81,117 @@ pub fn train_language_model(
         ..LmTrainConfig::default()
     };
     let mut trainer = LmTrainer::new(model, schedule).map_err(lm_err)?;
+    let mut run = LmRun::default();
+    if let Some(saved) = &resumed {
+        trainer.restore(&saved.optimizer()?, saved.state.step).map_err(lm_err)?;
+        run = LmRun::resumed(saved.state.step, &saved.state.facts);
+    }
+    lm_steps(sets, &mut trainer, &mut run, store.as_ref(), options)?;
 
+    let mut facts = run.facts;
+    facts.steps = options.lm_steps;
+    facts.final_loss = run.smoothed.unwrap_or(f32::NAN);
+    let model = trainer.into_model();
+    // A run of no steps keeps the starting model and skips the validation loss, which costs
+    // minutes for a full-size checkpoint on a CPU.
+    facts.validation_loss = if options.lm_steps == 0 {
+        f32::NAN
+    } else {
+        validation_loss(&model, sets, options.lm_batch_tokens)?
+    };
+    if let Some(store) = &store {
+        let facts_json = lm_facts_json(&facts, run.smoothed);
+        store.save(Phase::LanguageModelDone, options.lm_steps, facts_json, &model, None)?;
+    }
+    Ok((model, facts))
+}
+
+/// The progress of a language-model run: the facts so far and the running loss.
+#[derive(Default)]
+struct LmRun {
+    /// Steps already taken (by an earlier run, when resumed).
+    start: usize,
+    facts: LmFacts,
+    smoothed: Option<f32>,
+}
+
+impl LmRun {
+    fn resumed(step: usize, facts: &serde_json::Value) -> LmRun {
+        let facts_read = lm_facts_from(facts);
+        let smoothed = facts.get("smoothed_loss").map(checkpoint::f32_or_nan);
+        LmRun { start: step, facts: facts_read, smoothed: smoothed.filter(|s| s.is_finite()) }
+    }
+}
+
+fn lm_facts_json(facts: &LmFacts, smoothed: Option<f32>) -> serde_json::Value {
+    serde_json::json!({
+        "tokens": facts.tokens,
+        "first_loss": facts.first_loss,
+        "final_loss": facts.final_loss,
+        "validation_loss": facts.validation_loss,
+        "seconds": facts.seconds,
+        "smoothed_loss": smoothed,
+        "steps": facts.steps,
+    })
+}
+
+fn lm_facts_from(value: &serde_json::Value) -> LmFacts {
+    let number = |key: &str| value.get(key).map_or(f32::NAN, checkpoint::f32_or_nan);
+    let count = |key: &str| value.get(key).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    LmFacts {
+        steps: count("steps"),
+        tokens: count("tokens"),
+        first_loss: number("first_loss"),
+        final_loss: number("final_loss"),
+        validation_loss: number("validation_loss"),
+        seconds: value.get("seconds").and_then(|v| v.as_f64()).unwrap_or(0.0),
+    }
+}
+
+/// The optimiser steps from `run.start` to `options.lm_steps`, with checkpoints.
+fn lm_steps(
+    sets: &[DataSet],
+    trainer: &mut LmTrainer,
+    run: &mut LmRun,
+    store: Option<&Store>,
+    options: &BuildOptions,
+) -> Result<(), BuildError> {
     let corpus = sequences(sets, Split::Train);
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
     let lengths: Vec<usize> = corpus.iter().map(|s| s.len()).collect();
     let mut batches = token_batches(&lengths, options.lm_batch_tokens);
-    let progress = bar(options.lm_steps as u64, "language model");
-    let started = Instant::now();
-    let mut facts = LmFacts::default();
-    let mut smoothed = None;
-    for step in 0..options.lm_steps {
+    if batches.is_empty() && options.lm_steps > run.start {
+        return Err(lm_err("no training sequence of two tokens or more"));
+    }
+    // The batch order is a function of the seed and the step: replay the shuffles of the
+    // steps already taken.
+    for step in 0..run.start {
         if step % batches.len().max(1) == 0 {
             batches.shuffle(&mut rng);
         }
+    }
+    let progress = bar(options.lm_steps as u64, "language model");
+    progress.set_position(run.start.min(options.lm_steps) as u64);
+    progress.reset_eta();
+    let started = Instant::now();
+    let (earlier_seconds, earlier_tokens) = (run.facts.seconds, run.facts.tokens);
+    let every = options.checkpoint_every.max(1);
+    for step in run.start..options.lm_steps {
+        if step % batches.len() == 0 {
+            batches.shuffle(&mut rng);
+        }
         let rows: Vec<&[u32]> = batches[step % batches.len()].iter().map(|&i| corpus[i]).collect();
-        facts.tokens += rows.iter().map(|r| r.len()).sum::<usize>();
+        run.facts.tokens += rows.iter().map(|r| r.len()).sum::<usize>();
         let (ids, mask) = batch_tensors(&rows)?;
         let loss = trainer.step(&ids, &mask).map_err(lm_err)?;
         if step == 0 {
-            facts.first_loss = loss;
+            run.facts.first_loss = loss;
         }
-        let ema = smoothed.map_or(loss, |s: f32| 0.95 * s + 0.05 * loss);
-        smoothed = Some(ema);
-        let rate = facts.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let ema = run.smoothed.map_or(loss, |s: f32| 0.95 * s + 0.05 * loss);
+        run.smoothed = Some(ema);
+        let elapsed = started.elapsed().as_secs_f64();
+        run.facts.seconds = earlier_seconds + elapsed;
+        let rate = (run.facts.tokens - earlier_tokens) as f64 / elapsed.max(1e-9);
         progress.set_message(format!("loss {ema:.3}, {rate:.0} tokens/s"));
         progress.inc(1);
         if (step + 1) % (options.lm_steps / 10).max(1) == 0 {
@@ -104,14 +202,16 @@ pub fn train_language_model(
                 "language model training"
             );
         }
+        if let Some(store) =
+            store.filter(|_| (step + 1) % every == 0 && step + 1 < options.lm_steps)
+        {
+            let (moments, steps) = trainer.optimizer_state();
+            let facts = lm_facts_json(&run.facts, run.smoothed);
+            store.save(Phase::LanguageModel, steps, facts, trainer.model(), Some(&moments))?;
+        }
     }
     progress.finish();
-    facts.steps = options.lm_steps;
-    facts.final_loss = smoothed.unwrap_or(f32::NAN);
-    facts.seconds = started.elapsed().as_secs_f64();
-    let model = trainer.into_model();
-    facts.validation_loss = validation_loss(&model, sets, options.lm_batch_tokens)?;
-    Ok((model, facts))
+    Ok(())
 }
 
 /// Batches of sequences of similar length, each within `budget` padded tokens, so that a step
@@ -166,7 +266,7 @@ pub fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 /// Rows of one signal in one split: `(set index, example index, label)`.
-fn labelled(sets: &[DataSet], signal: usize, split: Split) -> Vec<(usize, usize, bool)> {
+pub(crate) fn labelled(sets: &[DataSet], signal: usize, split: Split) -> Vec<(usize, usize, bool)> {
     let mut rows = Vec::new();
     for (s, set) in sets.iter().enumerate() {
         for i in set.split(split) {
@@ -206,10 +306,19 @@ pub fn fit_heads(
                 best = Some((auc, l2, model));
             }
         }
-        let (auc, l2, model) = best.ok_or_else(|| BuildError::Step {
-            step: "heads",
-            message: format!("{}: the training split lacks one of the classes", spec.name),
-        })?;
+        let Some((auc, l2, model)) = best else {
+            // Small example caps can leave a split without one class (carts nearly always end
+            // unbought in a short slice). The head then says the training rate for every
+            // window, and the evaluation shows it as no better than chance.
+            let positives = y.iter().filter(|&&l| l).count();
+            let rate = ((positives as f64 + 0.5) / (y.len() as f64 + 1.0)) as f32;
+            tracing::warn!(signal = %spec.name, examples = y.len(), positives,
+                "the training split lacks one of the classes: constant head");
+            chosen.insert(format!("{}_constant_head", spec.name), 1.0);
+            heads.weight.push(vec![0.0; width]);
+            heads.bias.push((rate / (1.0 - rate)).ln());
+            continue;
+        };
         tracing::info!(signal = %spec.name, l2, validation_auc = auc, examples = x.len(),
             "head fitted");
         chosen.insert(format!("{}_l2", spec.name), l2);
@@ -219,111 +328,4 @@ pub fn fit_heads(
         debug_assert_eq!(heads.weight.last().map(Vec::len), Some(width));
     }
     Ok((heads, chosen))
-}
-
-/// Hashed buckets of the bag-of-tokens baseline.
-const BAG_DIMS: usize = 4096;
-
-fn bag(tokens: &[u32]) -> Vec<(u32, f32)> {
-    let mut counts: BTreeMap<u32, f32> = BTreeMap::new();
-    for &t in tokens {
-        *counts.entry(t.wrapping_mul(2_654_435_761) % BAG_DIMS as u32).or_default() += 1.0;
-    }
-    counts.into_iter().map(|(j, c)| (j, c.ln_1p())).collect()
-}
-
-/// Scores keyed by `(data set, example)` index, like the rows of [`labelled`].
-type KeyedScores = Vec<((usize, usize), f32)>;
-
-/// Scores of a baseline for every test example of `signal`, keyed like [`labelled`]; the
-/// baseline is a logistic regression on window counts, or on a bag of tokens for sentiment.
-fn baseline(sets: &[DataSet], signal: usize) -> (String, KeyedScores) {
-    let train = labelled(sets, signal, Split::Train);
-    let test = labelled(sets, signal, Split::Test);
-    let y: Vec<bool> = train.iter().map(|r| r.2).collect();
-    if signal == catalog::SENTIMENT {
-        let rows: Vec<Vec<(u32, f32)>> =
-            train.iter().map(|&(s, i, _)| bag(&sets[s].tokens[i])).collect();
-        let fitted = linear::fit_sparse(&rows, BAG_DIMS, &y, 1.0, 5);
-        let score = |s: usize, i: usize| match &fitted {
-            None => 0.5,
-            Some((w, b)) => {
-                let logit: f32 =
-                    bag(&sets[s].tokens[i]).iter().map(|&(j, v)| w[j as usize] * v).sum();
-                crate::model::heads::sigmoid(logit + b)
-            }
-        };
-        let scores = test.iter().map(|&(s, i, _)| ((s, i), score(s, i))).collect();
-        return ("logistic regression on a hashed bag of tokens".into(), scores);
-    }
-    let x: Vec<Vec<f32>> =
-        train.iter().map(|&(s, i, _)| sets[s].examples[i].counts.clone()).collect();
-    let fitted = linear::fit(&x, &y, 1.0);
-    let scores = test
-        .iter()
-        .map(|&(s, i, _)| {
-            let value = fitted.as_ref().map_or(0.5, |m| m.predict(&sets[s].examples[i].counts));
-            ((s, i), value)
-        })
-        .collect();
-    ("logistic regression on window counts".into(), scores)
-}
-
-/// AUC of the shipped scorer and of the baseline on every test split, per signal and set.
-pub fn evaluate(
-    sets: &[DataSet],
-    scorer: &mut dyn Scorer,
-    batch: usize,
-) -> Result<Vec<Evaluation>, BuildError> {
-    let names = catalog::head_signals();
-    let mut rows = Vec::new();
-    for (signal, spec) in names.iter().enumerate() {
-        let (baseline_name, baseline_scores) = baseline(sets, signal);
-        let test = labelled(sets, signal, Split::Test);
-        let model_scores = score_rows(sets, &test, scorer, batch, signal)?;
-        for (s, set) in sets.iter().enumerate() {
-            let picked: Vec<usize> = (0..test.len()).filter(|&k| test[k].0 == s).collect();
-            if picked.is_empty() {
-                continue;
-            }
-            let labels: Vec<bool> = picked.iter().map(|&k| test[k].2).collect();
-            let model: Vec<f32> = picked.iter().map(|&k| model_scores[k]).collect();
-            let base: Vec<f32> = picked.iter().map(|&k| baseline_scores[k].1).collect();
-            rows.push(Evaluation {
-                signal: spec.name.clone(),
-                dataset: set.name.into(),
-                split: "test".into(),
-                examples: labels.len(),
-                positives: labels.iter().filter(|&&l| l).count(),
-                auc: round4(linear::auc(&model, &labels).unwrap_or(f64::NAN)),
-                baseline: baseline_name.clone(),
-                baseline_auc: round4(linear::auc(&base, &labels).unwrap_or(f64::NAN)),
-            });
-        }
-    }
-    Ok(rows)
-}
-
-fn round4(x: f64) -> f64 {
-    (x * 10_000.0).round() / 10_000.0
-}
-
-fn score_rows(
-    sets: &[DataSet],
-    rows: &[(usize, usize, bool)],
-    scorer: &mut dyn Scorer,
-    batch: usize,
-    signal: usize,
-) -> Result<Vec<f32>, BuildError> {
-    let outputs = scorer.outputs();
-    let mut scores = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(batch) {
-        let inputs: Vec<&[u32]> =
-            chunk.iter().map(|&(s, i, _)| sets[s].tokens[i].as_slice()).collect();
-        let flat = scorer
-            .score(&inputs)
-            .map_err(|e| BuildError::Step { step: "evaluation", message: e.to_string() })?;
-        scores.extend(flat.chunks_exact(outputs).map(|row| row[signal]));
-    }
-    Ok(scores)
 }

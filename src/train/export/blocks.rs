@@ -1,11 +1,11 @@
 //! The backbone's nodes: the tensors every layer shares (float mask, causal and padded-key
-//! attention bias, sequence range), the embeddings with in-graph positions, and each pre-norm
-//! transformer block (layer norm, attention, Conv1D, `gelu_new`) up to `ln_f`.
+//! attention bias, sequence range), the embeddings with in-graph or given positions, and each
+//! pre-norm transformer block (layer norm, attention, Conv1D, `gelu_new`) up to `ln_f`.
 
 use onnx_protobuf::tensor_proto::DataType;
 
 use super::graph::{attr_float, attr_int, attr_ints, GraphBuilder};
-use super::{ExportError, ATTENTION_MASK, INPUT_IDS};
+use super::{ExportError, Positions, ATTENTION_MASK, INPUT_IDS, POSITION_IDS};
 use crate::train::gpt2::{Gpt2, MASK_BIAS};
 
 /// Tensors shared by every layer: float mask, attention bias and the sequence range.
@@ -19,14 +19,23 @@ pub(super) struct Shared {
 pub(super) fn backbone(
     g: &mut GraphBuilder,
     model: &Gpt2,
+    from: Positions,
 ) -> Result<(String, Shared), ExportError> {
     g.input_i64(INPUT_IDS);
     g.input_i64(ATTENTION_MASK);
     let shared = shared(g);
 
-    let cumsum = g.op("CumSum", &[ATTENTION_MASK, "const.one_i64"], vec![]);
-    let shifted = g.op("Sub", &[&cumsum, "const.one_i64"], vec![]);
-    let positions = g.op("Max", &[&shifted, "const.zero_i64"], vec![]);
+    let positions = match from {
+        Positions::InGraph => {
+            let cumsum = g.op("CumSum", &[ATTENTION_MASK, "const.one_i64"], vec![]);
+            let shifted = g.op("Sub", &[&cumsum, "const.one_i64"], vec![]);
+            g.op("Max", &[&shifted, "const.zero_i64"], vec![])
+        }
+        Positions::Input => {
+            g.input_i64(POSITION_IDS);
+            POSITION_IDS.to_string()
+        }
+    };
 
     let wte = g.weight(model, "wte.weight")?;
     let wpe = g.weight(model, "wpe.weight")?;

@@ -7,7 +7,8 @@
 //!
 //! - inputs `input_ids` and `attention_mask`, int64 `[batch, seq]`, both dimensions symbolic;
 //! - positions computed inside the graph as `max(cumsum(attention_mask) - 1, 0)`, so the graph
-//!   takes no `position_ids`;
+//!   takes no `position_ids`; or, with [`Positions::Input`], a third input `position_ids`
+//!   (int64 `[batch, seq]`) read as given, the interface of a Hugging Face GPT-2 export;
 //! - causal and padded-key masking by adding [`MASK_BIAS`](super::gpt2::MASK_BIAS) per reason,
 //!   as the candle model does;
 //! - output `last_hidden_state`, float `[batch, seq, n_embd]`, after `ln_f`;
@@ -132,6 +133,17 @@ impl ExportMeta {
     }
 }
 
+/// Where the graph takes the token positions from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Positions {
+    /// Computed inside the graph from `attention_mask`; the graph has two inputs.
+    #[default]
+    InGraph,
+    /// Read from a `position_ids` input, as a Hugging Face export declares it; the caller
+    /// feeds `cumsum(attention_mask) - 1` (any value at padded positions).
+    Input,
+}
+
 /// Writes `model` (and `heads`, if given) as one ONNX file at `path`.
 pub fn export_onnx(
     model: &Gpt2,
@@ -139,7 +151,18 @@ pub fn export_onnx(
     path: &Path,
     meta: &ExportMeta,
 ) -> Result<(), ExportError> {
-    let proto = build_model(model, heads, meta)?;
+    export_onnx_with(model, heads, path, meta, Positions::InGraph)
+}
+
+/// [`export_onnx`] with the choice of where positions come from.
+pub fn export_onnx_with(
+    model: &Gpt2,
+    heads: Option<&Heads>,
+    path: &Path,
+    meta: &ExportMeta,
+    positions: Positions,
+) -> Result<(), ExportError> {
+    let proto = build_model_with(model, heads, meta, positions)?;
 
     let file =
         File::create(path).map_err(|source| ExportError::Create { path: path.into(), source })?;
@@ -150,11 +173,21 @@ pub fn export_onnx(
     writer.flush().map_err(|source| ExportError::Flush { path: path.into(), source })
 }
 
-/// The whole ONNX model in memory.
+/// The whole ONNX model in memory, with positions computed in the graph.
 pub fn build_model(
     model: &Gpt2,
     heads: Option<&Heads>,
     meta: &ExportMeta,
+) -> Result<ModelProto, ExportError> {
+    build_model_with(model, heads, meta, Positions::InGraph)
+}
+
+/// The whole ONNX model in memory.
+pub fn build_model_with(
+    model: &Gpt2,
+    heads: Option<&Heads>,
+    meta: &ExportMeta,
+    positions: Positions,
 ) -> Result<ModelProto, ExportError> {
     meta.validate(heads)?;
     let expected = model.config().pooled_dim();
@@ -167,7 +200,7 @@ pub fn build_model(
     }
 
     let mut graph = GraphBuilder::default();
-    let (hidden, shared) = backbone(&mut graph, model)?;
+    let (hidden, shared) = backbone(&mut graph, model, positions)?;
     graph.alias(&hidden, LAST_HIDDEN_STATE);
     graph.output_f32(LAST_HIDDEN_STATE, &[Dim::Batch, Dim::Seq, Dim::Fixed(model.config().n_embd)]);
     if let Some(heads) = heads {
@@ -190,5 +223,6 @@ pub fn build_model(
 /// Names of the graph's inputs and outputs.
 const INPUT_IDS: &str = "input_ids";
 const ATTENTION_MASK: &str = "attention_mask";
+const POSITION_IDS: &str = "position_ids";
 const LAST_HIDDEN_STATE: &str = "last_hidden_state";
 const SCORES: &str = "scores";

@@ -61,6 +61,12 @@ impl Gpt2Config {
         2 * self.n_embd
     }
 
+    /// Number of scalar parameters of a model of this shape (the tied LM head counted once).
+    pub fn num_parameters(&self) -> usize {
+        let (v, p, d) = (self.vocab_size, self.n_positions, self.n_embd);
+        (v + p) * d + self.n_layer * (12 * d * d + 13 * d) + 2 * d
+    }
+
     /// Checks the sizes are usable, so a bad config fails here and not deep in a matmul.
     pub fn validate(&self) -> Result<()> {
         let sizes = [self.vocab_size, self.n_positions, self.n_embd, self.n_layer, self.n_head];

@@ -51,8 +51,10 @@
 //! [`Gpt2Config`] and its Hugging Face `config.json` live in `config`; the weights, the
 //! forward pass, the LM loss and the safetensors checkpoints of [`Gpt2`] in `model`, over the
 //! layers of `layers` and the checked batches of `batch`; the fused kernels in `kernels`;
-//! [`pool()`] and [`Heads`] in `pool`; [`LmTrainer`] and its schedule in `trainer`.
+//! [`pool()`] and [`Heads`] in `pool`; [`LmTrainer`] and its schedule in `trainer`, over
+//! the AdamW of `adamw`, whose moments can be saved.
 
+mod adamw;
 mod batch;
 mod config;
 mod kernels;

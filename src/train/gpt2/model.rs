@@ -158,6 +158,26 @@ impl Gpt2 {
             .map_err(|source| Gpt2Error::Safetensors { path: path.into(), source })
     }
 
+    /// Overwrites every parameter in place with the tensor of the same name in a safetensors
+    /// file (as [`Gpt2::save_safetensors`] writes), so clones of this model and optimisers
+    /// over its variables see the restored values.
+    pub fn restore_safetensors(&self, path: &Path) -> Result<()> {
+        let stored = candle_core::safetensors::load(path, &self.device)
+            .map_err(|source| Gpt2Error::Safetensors { path: path.into(), source })?;
+        let vars = self.varmap.data().lock().unwrap_or_else(PoisonError::into_inner);
+        for spec in param_specs(&self.config) {
+            let (Some(var), Some(tensor)) = (vars.get(&spec.name), stored.get(&spec.name)) else {
+                return Err(Gpt2Error::MissingTensor { path: path.into(), name: spec.name });
+            };
+            if tensor.dims() != var.dims() {
+                let (expected, found) = (var.dims().to_vec(), tensor.dims().to_vec());
+                return Err(Gpt2Error::TensorShape { name: spec.name, expected, found });
+            }
+            var.set(&tensor.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
     /// Turns named tensors into variables in a fresh `VarMap` and builds the model over it.
     fn from_tensors(
         config: Gpt2Config,

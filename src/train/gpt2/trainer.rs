@@ -1,13 +1,15 @@
 //! The causal language-model trainer: [`LmTrainConfig`] with its warm-up and [`LrDecay`]
-//! schedule, and [`LmTrainer`], AdamW over a [`Gpt2`]'s variables with global-norm clipping.
+//! schedule, and [`LmTrainer`], AdamW over a [`Gpt2`]'s variables with global-norm clipping,
+//! whose state ([`LmTrainer::optimizer_state`]) can be saved and restored to resume training.
 
+use std::collections::HashMap;
 use std::f64::consts::PI;
 use std::sync::PoisonError;
 
 use candle_core::{Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
+use super::adamw::{AdamParams, AdamW};
 use super::model::param_specs;
 use super::{Gpt2, Gpt2Error, Result};
 
@@ -104,25 +106,18 @@ impl LmTrainConfig {
         floor + (self.lr - floor) * fraction
     }
 
-    fn adamw(&self, weight_decay: f64) -> ParamsAdamW {
-        ParamsAdamW {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay,
-        }
+    fn adam(&self) -> AdamParams {
+        AdamParams { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps }
     }
 }
 
 /// Trains a [`Gpt2`] on the causal LM objective, one batch per [`LmTrainer::step`].
 ///
-/// Holds two AdamW optimisers over the model's variables: one with weight decay for
-/// matrices and embeddings, one without for biases and layer-norm weights.
+/// AdamW over the model's variables: with weight decay for matrices and embeddings, without
+/// for biases and layer-norm weights.
 pub struct LmTrainer {
     model: Gpt2,
-    decayed: AdamW,
-    plain: AdamW,
+    optimizer: AdamW,
     /// Every variable, for the global gradient norm.
     vars: Vec<Var>,
     config: LmTrainConfig,
@@ -135,15 +130,23 @@ impl LmTrainer {
     /// keep one to evaluate or export while training).
     pub fn new(model: Gpt2, config: LmTrainConfig) -> Result<Self> {
         config.validate()?;
-        let vars: Vec<Var> = {
+        let named: Vec<(String, Var)> = {
             let map = model.varmap().data().lock().unwrap_or_else(PoisonError::into_inner);
-            param_specs(model.config()).iter().filter_map(|s| map.get(&s.name).cloned()).collect()
+            param_specs(model.config())
+                .into_iter()
+                .filter_map(|s| map.get(&s.name).cloned().map(|var| (s.name, var)))
+                .collect()
         };
-        let (matrices, vectors): (Vec<Var>, Vec<Var>) =
-            vars.iter().cloned().partition(|var| var.rank() >= 2);
+        let vars = named.iter().map(|(_, var)| var.clone()).collect();
+        let decayed = named
+            .into_iter()
+            .map(|(name, var)| {
+                let decay = if var.rank() >= 2 { config.weight_decay } else { 0.0 };
+                (name, var, decay)
+            })
+            .collect();
         Ok(Self {
-            decayed: AdamW::new(matrices, config.adamw(config.weight_decay))?,
-            plain: AdamW::new(vectors, config.adamw(0.0))?,
+            optimizer: AdamW::new(decayed, config.adam())?,
             model,
             vars,
             config,
@@ -167,13 +170,26 @@ impl LmTrainer {
             None => None,
         };
 
-        let lr = self.config.lr_at(self.step);
-        self.decayed.set_learning_rate(lr);
-        self.plain.set_learning_rate(lr);
-        self.decayed.step(&grads)?;
-        self.plain.step(&grads)?;
+        self.optimizer.set_learning_rate(self.config.lr_at(self.step));
+        self.optimizer.step(&grads)?;
         self.step += 1;
         Ok(value)
+    }
+
+    /// The AdamW moments (`m.NAME`, `v.NAME` for each parameter) and the steps taken, to
+    /// save with the weights.
+    pub fn optimizer_state(&self) -> (HashMap<String, Tensor>, usize) {
+        let (moments, _) = self.optimizer.state();
+        (moments, self.step)
+    }
+
+    /// Continues from a saved [`LmTrainer::optimizer_state`]: the moments, and `steps` taken,
+    /// which sets the learning rate and the bias correction of the next step. The model's
+    /// weights are restored by loading them into the model given to [`LmTrainer::new`].
+    pub fn restore(&mut self, moments: &HashMap<String, Tensor>, steps: usize) -> Result<()> {
+        self.optimizer.restore(moments, steps)?;
+        self.step = steps;
+        Ok(())
     }
 
     /// Scales the gradients down to a global L2 norm of `max_norm`; returns the norm before.
