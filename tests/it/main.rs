@@ -2,5 +2,6 @@
 //! shipped model, and real public data.
 
 mod cli;
+mod explanations;
 mod kafka_path;
 mod support;
