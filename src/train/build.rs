@@ -143,6 +143,16 @@ pub struct DataSet {
 }
 
 impl DataSet {
+    /// What the model card says about this data set.
+    pub fn card_entry(&self) -> crate::model::card::DataSet {
+        crate::model::card::DataSet {
+            name: self.name.into(),
+            source: self.source.clone(),
+            rows: self.rows,
+            terms: self.terms.into(),
+        }
+    }
+
     pub fn split(&self, split: Split) -> impl Iterator<Item = usize> + '_ {
         (0..self.examples.len()).filter(move |&i| self.examples[i].split == split)
     }
@@ -441,15 +451,7 @@ pub fn build(
     for (k, v) in head_facts {
         fact(&k, ((v * 10_000.0).round() / 10_000.0).into());
     }
-    let data = sets
-        .iter()
-        .map(|s| crate::model::card::DataSet {
-            name: s.name.into(),
-            source: s.source.clone(),
-            rows: s.rows,
-            terms: s.terms.into(),
-        })
-        .collect();
+    let data = sets.iter().map(DataSet::card_entry).collect();
     let config = model.config().clone();
     let mut card = ModelCard {
         card_version: CARD_VERSION,

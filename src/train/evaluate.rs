@@ -358,7 +358,7 @@ pub fn calibrate_and_evaluate(
     card.evaluation = outcome.evaluations();
     if let Some(to) = report {
         report::write(
-            &report::Input::new(&card.model_version, to.command, sets, &outcome),
+            &report::Input::new(card, to.command, sets, &outcome),
             to.dir,
         )?;
     }
@@ -400,7 +400,7 @@ pub fn evaluate_folder(
     if given.is_none() {
         outcome.source = CalibrationSource::FittedForReport;
     }
-    let input = report::Input::new(&card.model_version, to.command, &sets, &outcome);
+    let input = report::Input::new(&card, to.command, &sets, &outcome);
     report::write(&input, to.dir)?;
     Ok(outcome)
 }

@@ -143,15 +143,7 @@ fn card(
 ) -> Result<ModelCard, BuildError> {
     let sha = build::sha256_file(onnx)?;
     let spec = build::state_spec();
-    let data = sets
-        .iter()
-        .map(|s| crate::model::card::DataSet {
-            name: s.name.into(),
-            source: s.source.clone(),
-            rows: s.rows,
-            terms: s.terms.into(),
-        })
-        .collect();
+    let data = sets.iter().map(DataSet::card_entry).collect();
     let sizes = |f: fn(&Gpt2Config) -> usize| config.map_or(0, f);
     Ok(ModelCard {
         card_version: CARD_VERSION,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::model::card::Figures;
+use crate::model::card::{Figures, ModelCard, Training};
 use crate::train::build::DataSet;
 use crate::train::dataset::Split;
 use crate::train::evaluate::{CalibrationSource, Outcome, SetResult};
@@ -83,6 +83,8 @@ impl SetFacts {
 /// Everything the report shows.
 pub struct Input<'a> {
     pub model_version: &'a str,
+    /// How the model was made, from its card; absent for cards without it.
+    pub training: Option<&'a Training>,
     /// The command line that produced the figures.
     pub command: &'a str,
     pub sets: Vec<SetFacts>,
@@ -91,12 +93,18 @@ pub struct Input<'a> {
 
 impl<'a> Input<'a> {
     pub fn new(
-        model_version: &'a str,
+        card: &'a ModelCard,
         command: &'a str,
         sets: &[DataSet],
         outcome: &'a Outcome,
     ) -> Input<'a> {
-        Input { model_version, command, sets: sets.iter().map(SetFacts::of).collect(), outcome }
+        Input {
+            model_version: &card.model_version,
+            training: card.training.as_ref(),
+            command,
+            sets: sets.iter().map(SetFacts::of).collect(),
+            outcome,
+        }
     }
 }
 
@@ -140,6 +148,7 @@ pub fn markdown(input: &Input<'_>) -> String {
         input.command
     );
     targets(&mut out, input.outcome);
+    made(&mut out, input.training);
     calibration(&mut out, input.outcome);
     scorers_note(&mut out);
     signals(&mut out, input.outcome);
@@ -191,6 +200,42 @@ fn targets(out: &mut String, outcome: &Outcome) {
         row(out, &name, ece, 0.05, false);
     }
     let _ = writeln!(out);
+}
+
+/// The training facts that bear on the targets: what this build tried.
+fn made(out: &mut String, training: Option<&Training>) {
+    let Some(training) = training else { return };
+    let _ = writeln!(out, "## How the model was made\n");
+    let _ = writeln!(out, "`{}`\n", training.command);
+    let fact = |key: &str| training.facts.get(key).map(|v| v.to_string());
+    let steps = [
+        ("lm_steps", "language-model steps"),
+        ("lm_tokens", "language-model training tokens"),
+        ("lm_validation_loss", "language-model validation loss (nats per token)"),
+        ("finetune_steps", "fine-tuning steps on the signal labels"),
+        ("finetune_final_loss", "final fine-tuning loss"),
+    ];
+    let _ = writeln!(out, "| fact | value |\n|---|---|");
+    for (key, meaning) in steps {
+        if let Some(value) = fact(key) {
+            let _ = writeln!(out, "| {meaning} | {value} |");
+        }
+    }
+    let heads = training.facts.keys().filter_map(|k| k.strip_suffix("_validation_auc"));
+    for signal in heads {
+        let l2 = fact(&format!("{signal}_l2")).unwrap_or_else(|| "—".into());
+        let auc = fact(&format!("{signal}_validation_auc")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| `{signal}` head: L2 chosen on validation, validation AUC | {l2}, {auc} |"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nEach head is a logistic regression on the fine-tuned model's pooled features, its L2 \
+        strength picked from a grid by validation AUC. What was tried beyond this build for the \
+        targets that are missed, and why they are, is in `docs/MODEL-NOTES.md`.\n"
+    );
 }
 
 fn finite(x: f64) -> Option<f64> {
@@ -413,6 +458,11 @@ fn register_font() -> Result<(), ReportError> {
 
 /// The drawing area of one plot, over an RGB buffer.
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type UnitChart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
 
 /// Draws a plot into a white RGB buffer and saves it as a PNG at `path`.
 fn draw(path: &Path, plot: impl FnOnce(&Area<'_>) -> PlotResult) -> Result<(), ReportError> {
@@ -441,21 +491,27 @@ fn save_png(path: &Path, pixels: &[u8]) -> PlotResult {
     Ok(())
 }
 
-fn roc_plot(root: &Area<'_>, result: &SetResult) -> PlotResult {
-    let e = &result.evaluation;
-    let title = format!("{} on {}: ROC, test split", e.signal, e.dataset);
+/// A chart over the unit square with a title, a grid and axis descriptions.
+fn unit_chart<'a, 'b>(
+    root: &'a Area<'b>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+) -> Result<UnitChart<'a, 'b>, Box<dyn std::error::Error + Send + Sync>> {
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(52)
         .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
-    chart
-        .configure_mesh()
-        .max_light_lines(0)
-        .x_desc("false positive rate")
-        .y_desc("true positive rate")
-        .draw()?;
+    chart.configure_mesh().max_light_lines(0).x_desc(x_desc).y_desc(y_desc).draw()?;
+    Ok(chart)
+}
+
+fn roc_plot(root: &Area<'_>, result: &SetResult) -> PlotResult {
+    let e = &result.evaluation;
+    let title = format!("{} on {}: ROC, test split", e.signal, e.dataset);
+    let mut chart = unit_chart(root, &title, "false positive rate", "true positive rate")?;
     chart
         .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], CHANCE.stroke_width(1)))?
         .label("chance")
@@ -486,18 +542,8 @@ fn roc_plot(root: &Area<'_>, result: &SetResult) -> PlotResult {
 fn reliability_plot(root: &Area<'_>, result: &SetResult) -> PlotResult {
     let e = &result.evaluation;
     let title = format!("{} on {}: reliability, test split", e.signal, e.dataset);
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, ("sans-serif", 20))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(52)
-        .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
-    chart
-        .configure_mesh()
-        .max_light_lines(0)
-        .x_desc("mean score of the bin (ten equal-width bins)")
-        .y_desc("observed positive rate")
-        .draw()?;
+    let x = "mean score of the bin (ten equal-width bins)";
+    let mut chart = unit_chart(root, &title, x, "observed positive rate")?;
     chart
         .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], CHANCE.stroke_width(1)))?
         .label("perfect calibration")
@@ -581,13 +627,26 @@ mod tests {
             ],
             timed: true,
         }];
-        let input = Input { model_version: "m1", command: "evaluate", sets, outcome: &outcome };
+        let mut facts = serde_json::Map::new();
+        facts.insert("finetune_steps".into(), 2000.into());
+        facts.insert("purchase_intent_l2".into(), 30.0.into());
+        facts.insert("purchase_intent_validation_auc".into(), 0.61.into());
+        let training = Training { command: "build --seed 7".into(), data: Vec::new(), facts };
+        let input = Input {
+            model_version: "m1",
+            training: Some(&training),
+            command: "evaluate",
+            sets,
+            outcome: &outcome,
+        };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("report");
         write(&input, &out).unwrap();
 
         let text = std::fs::read_to_string(out.join(README)).unwrap();
         assert!(text.contains("# Evaluation of model `m1`"), "{text}");
+        assert!(text.contains("| fine-tuning steps on the signal labels | 2000 |"), "{text}");
+        assert!(text.contains("validation AUC | 30.0, 0.61 |"), "{text}");
         let e = &outcome.results[0].evaluation;
         let auc = format!("{:.4}", e.auc);
         assert!(text.contains(&auc), "model AUC {auc} missing:\n{text}");
