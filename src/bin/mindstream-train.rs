@@ -81,8 +81,9 @@ enum Command {
         #[arg(long)]
         checkpoint_dir: Option<PathBuf>,
         /// Language-model steps between checkpoints.
-        #[arg(long, default_value_t = BuildOptions::default().checkpoint_every)]
-        checkpoint_every: usize,
+        #[arg(long, default_value_t = BuildOptions::default().checkpoint_every as u64,
+            value_parser = clap::value_parser!(u64).range(1..))]
+        checkpoint_every: u64,
         /// Continue from the newest checkpoint in --checkpoint-dir.
         #[arg(long, requires = "checkpoint_dir")]
         resume: bool,
@@ -178,7 +179,7 @@ fn main() -> ExitCode {
                 },
                 init_from,
                 checkpoint_dir,
-                checkpoint_every,
+                checkpoint_every: checkpoint_every as usize,
                 resume,
                 ..Default::default()
             };

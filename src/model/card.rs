@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 use crate::window::{Detail, WindowEvent, WindowSpec};
 
 /// Version of the card format this build reads and writes.
-pub const CARD_VERSION: u32 = 1;
+/// Version 2 added `calibration`: a build that reads only version 1 would serve the raw
+/// scores of a calibrated model without a word, so it must refuse the card instead.
+pub const CARD_VERSION: u32 = 2;
+
+/// Versions this build reads: 1 (no calibration) and the current one.
+const READABLE_VERSIONS: [u32; 2] = [1, CARD_VERSION];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelCard {
@@ -289,11 +294,14 @@ impl ModelCard {
         let card: ModelCard = serde_json::from_str(&text)
             .map_err(|source| CardError::Parse { path: path.into(), source })?;
         let unsupported = |message: String| CardError::Unsupported { path: path.into(), message };
-        if card.card_version != CARD_VERSION {
+        if !READABLE_VERSIONS.contains(&card.card_version) {
             return Err(unsupported(format!(
-                "card_version {} (this build reads {CARD_VERSION})",
+                "card_version {} (this build reads {READABLE_VERSIONS:?})",
                 card.card_version
             )));
+        }
+        if card.card_version == 1 && !card.calibration.is_empty() {
+            return Err(unsupported("a version 1 card cannot carry a calibration".into()));
         }
         if card.render_version != crate::render::RENDER_VERSION {
             return Err(unsupported(format!(
@@ -351,6 +359,34 @@ mod tests {
         assert!(!text.contains("uncalibrated"), "{text}");
         let back: Evaluation = serde_json::from_str(&text).unwrap();
         assert!(back.baseline_auc.is_nan() && back.auc == 0.91);
+    }
+
+    /// Writes the shipped card with `card_version` and `calibration` replaced, and loads it.
+    fn load_variant(version: u32, calibrated: bool) -> Result<ModelCard, CardError> {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/model.json");
+        let mut card: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+        card["card_version"] = version.into();
+        if !calibrated {
+            card.as_object_mut().unwrap().remove("calibration");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        std::fs::write(&path, card.to_string()).unwrap();
+        ModelCard::load(&path)
+    }
+
+    /// Version 1 cards (no calibration) still load; a calibration needs version 2, so that a
+    /// build reading only version 1 refuses the card instead of serving raw scores.
+    #[test]
+    fn card_versions_guard_the_calibration() {
+        let current = load_variant(CARD_VERSION, true).unwrap();
+        assert_eq!(current.calibration.len(), current.signals.len());
+        assert!(load_variant(1, false).unwrap().calibration.is_empty());
+        let err = load_variant(1, true).unwrap_err().to_string();
+        assert!(err.contains("version 1 card cannot carry a calibration"), "{err}");
+        let err = load_variant(CARD_VERSION + 1, true).unwrap_err().to_string();
+        assert!(err.contains("card_version 3"), "{err}");
     }
 
     #[test]

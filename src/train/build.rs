@@ -77,7 +77,7 @@ impl Default for BuildOptions {
             max_tokens: 256,
             lm_steps: 1000,
             lm_batch_tokens: 2048,
-            finetune_steps: 2000,
+            finetune_steps: 3000,
             finetune_lr: 1e-3,
             lr: 3e-3,
             max_train: 40_000,
@@ -199,7 +199,9 @@ pub fn load_data_sets(options: &BuildOptions) -> Result<Vec<DataSet>, BuildError
     sets.push(data_set("taobao", &paths.taobao, TAOBAO_TERMS, events.len(), examples, options));
 
     let events = import::events(import::Source::Cdnow, &paths.cdnow)?;
-    let plan = plan_for(&events, horizons.price_ms);
+    // The purchase log has two label horizons; the gap before the test period must cover
+    // the longer one, or the longer-horizon labels would reach into it.
+    let plan = plan_for(&events, horizons.price_ms.max(horizons.churn_ms));
     let median = catalog::median_unit_price(&events, plan.validation_start_ms)
         .ok_or_else(|| BuildError::Step { step: "cdnow", message: "no priced buys".into() })?;
     let labellers = catalog::purchase_labellers(median, horizons);

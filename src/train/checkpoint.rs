@@ -126,6 +126,11 @@ pub fn settings(options: &BuildOptions, config: &Gpt2Config) -> serde_json::Valu
         "finetune_steps": options.finetune_steps,
         "finetune_lr": options.finetune_lr,
         "seed": options.seed,
+        "horizons_ms": [
+            options.horizons.click_ms,
+            options.horizons.churn_ms,
+            options.horizons.price_ms,
+        ],
     })
 }
 

@@ -47,6 +47,16 @@ pub fn heads(options: &HeadsOptions, command: &str) -> Result<ModelCard, BuildEr
     }
     let tokenizer = pretrained::tokenizer_at(&options.tokenizer)?;
     let config = sibling_config(&options.backbone)?;
+    if let Some(config) = &config {
+        if tokenizer.vocab_size() != config.vocab_size {
+            return Err(step_err("tokenizer")(format!(
+                "{} has {} tokens but the backbone's config.json says vocab_size {}",
+                options.tokenizer.display(),
+                tokenizer.vocab_size(),
+                config.vocab_size
+            )));
+        }
+    }
     let max_tokens = config
         .as_ref()
         .map_or(options.build.max_tokens, |c| options.build.max_tokens.min(c.n_positions));
@@ -59,8 +69,10 @@ pub fn heads(options: &HeadsOptions, command: &str) -> Result<ModelCard, BuildEr
     let (head_weights, head_facts) = fit::fit_heads(&sets, &features)?;
 
     let onnx = out.join("model.onnx");
-    std::fs::copy(&options.backbone, &onnx)
-        .map_err(|source| BuildError::Write { path: onnx.clone(), source })?;
+    if !same_file(&options.backbone, &onnx) {
+        std::fs::copy(&options.backbone, &onnx)
+            .map_err(|source| BuildError::Write { path: onnx.clone(), source })?;
+    }
     let tokenizer_path = out.join("tokenizer.json");
     tokenizer
         .inner()
@@ -119,6 +131,14 @@ fn pooled_features(
 
 /// The backbone's Hugging Face `config.json` when one lies next to the graph (as in an
 /// exported model folder); it gives the card the backbone's sizes and caps `max_tokens`.
+/// Whether two paths name one existing file (copying a file onto itself empties it).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 fn sibling_config(backbone: &Path) -> Result<Option<Gpt2Config>, BuildError> {
     let path = backbone.with_file_name(pretrained::CONFIG_FILE);
     if !path.is_file() {

@@ -126,6 +126,7 @@ fn the_named_top_event_moves_the_score_most() {
                 .map(|(i, e)| (e.event_id.to_string(), scores[0][signal] - scores[i + 1][signal]))
                 .collect();
             let largest = deltas.iter().map(|(_, d)| d.abs()).fold(0.0, f32::max);
+            assert!(!score.top_events.is_empty(), "{}: no top events", score.signal);
             let top = &score.top_events[0];
             let measured =
                 deltas.iter().find(|(id, _)| *id == top.event_id).expect("a window event");
