@@ -77,7 +77,7 @@ impl Default for BuildOptions {
             max_tokens: 256,
             lm_steps: 1000,
             lm_batch_tokens: 2048,
-            finetune_steps: 3000,
+            finetune_steps: 2000,
             finetune_lr: 1e-3,
             lr: 3e-3,
             max_train: 40_000,
