@@ -357,10 +357,7 @@ pub fn calibrate_and_evaluate(
     card.calibration = outcome.calibration.clone();
     card.evaluation = outcome.evaluations();
     if let Some(to) = report {
-        report::write(
-            &report::Input::new(card, to.command, sets, &outcome),
-            to.dir,
-        )?;
+        report::write(&report::Input::new(card, to.command, sets, &outcome), to.dir)?;
     }
     Ok(outcome)
 }
