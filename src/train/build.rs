@@ -127,6 +127,18 @@ pub enum BuildError {
     },
 }
 
+/// `err` and each of its causes, joined with `: `, for a step's message.
+pub(crate) fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 pub(crate) fn step_err(step: &'static str) -> impl Fn(String) -> BuildError {
     move |message| BuildError::Step { step, message }
 }
@@ -410,7 +422,7 @@ pub fn build(
     for set in &sets {
         let pooled =
             crate::train::features::pooled(&backbone, &set.tokens, options.threads, 64, &progress)
-                .map_err(|e| step_err("features")(e.to_string()))?;
+                .map_err(|e| step_err("features")(with_causes(&e)))?;
         features.push(pooled);
     }
     progress.finish();
@@ -420,7 +432,8 @@ pub fn build(
     let flat: Vec<f32> = head_weights.weight.iter().flatten().copied().collect();
     let heads = Heads::new(2 * options.n_embd, flat, head_weights.bias.clone())
         .map_err(|e| step_err("heads")(e.to_string()))?;
-    let signals = catalog::head_signals_for(&options.horizons);
+    let mut signals = catalog::head_signals_for(&options.horizons);
+    fit::mark_constant_heads(&mut signals, &head_facts);
     let names: Vec<String> = signals.iter().map(|s| s.name.clone()).collect();
     let onnx = options.out.join("model.onnx");
     let provisional = ExportMeta { model_version: String::new(), signals: names.clone() };

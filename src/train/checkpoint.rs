@@ -54,10 +54,10 @@ pub enum CheckpointError {
         source: candle_core::Error,
     },
     #[error(
-        "checkpoint {path} was made with other settings ({saved}); resume with the same \
+        "checkpoint {path} was made with other settings ({differing}); resume with the same \
          options or use another --checkpoint-dir"
     )]
-    Settings { path: PathBuf, saved: String },
+    Settings { path: PathBuf, differing: String },
     #[error("--resume needs --checkpoint-dir")]
     NoDirectory,
 }
@@ -114,7 +114,7 @@ pub struct Store {
 /// The options and model sizes that decide a build's training result.
 pub fn settings(options: &BuildOptions, config: &Gpt2Config) -> serde_json::Value {
     serde_json::json!({
-        "data": options.data.display().to_string(),
+        "data": options.data.canonicalize().unwrap_or_else(|_| options.data.clone()),
         "init_from": options.init_from.as_ref().map(|p| p.display().to_string()),
         "config": config,
         "max_tokens": options.max_tokens,
@@ -146,6 +146,10 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|source| CheckpointError::Write { path: dir.clone(), source })?;
         Ok(Some(Store { dir: dir.clone(), settings: settings(options, config) }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn settings(&self) -> &serde_json::Value {
@@ -251,10 +255,27 @@ impl Store {
         let state: State = serde_json::from_str(&text)
             .map_err(|source| CheckpointError::State { path: path.clone(), source })?;
         if state.settings != self.settings {
-            return Err(CheckpointError::Settings { path, saved: state.settings.to_string() });
+            let differing = differing_settings(&state.settings, &self.settings);
+            return Err(CheckpointError::Settings { path, differing });
         }
         Ok(Saved { dir, state })
     }
+}
+
+/// `key: saved -> now` for every setting that differs, for the refusal of a resume.
+fn differing_settings(saved: &serde_json::Value, now: &serde_json::Value) -> String {
+    let null = serde_json::Value::Null;
+    let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else {
+        return format!("saved {saved}, now {now}");
+    };
+    let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let changed = keys.into_iter().filter_map(|key| {
+        let (was, is) = (saved.get(key).unwrap_or(&null), now.get(key).unwrap_or(&null));
+        (was != is).then(|| format!("{key}: {was} -> {is}"))
+    });
+    changed.collect::<Vec<_>>().join(", ")
 }
 
 fn folder_name(phase: Phase, step: usize) -> String {

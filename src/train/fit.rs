@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::model::card::HeadWeights;
+use crate::model::card::{HeadWeights, SignalSpec, Status};
 use crate::model::scorer::pad_batch;
 use crate::train::build::{BuildError, BuildOptions, DataSet};
 use crate::train::catalog;
@@ -66,6 +66,10 @@ pub fn train_language_model(
         Some(store) if options.resume => store.newest_language_model()?,
         _ => None,
     };
+    if let (Some(store), None, true) = (&store, &resumed, options.resume) {
+        tracing::warn!(checkpoint_dir = %store.dir().display(),
+            "--resume: no language-model checkpoint there; training from the start");
+    }
     if let Some(saved) = &resumed {
         saved.restore_weights(&model).map_err(lm_err)?;
         tracing::info!(checkpoint = %saved.dir.display(), step = saved.state.step,
@@ -280,6 +284,15 @@ pub(crate) fn labelled(sets: &[DataSet], signal: usize, split: Split) -> Vec<(us
 
 /// L2 strengths tried for each head; the best validation AUC wins.
 const L2_GRID: [f64; 4] = [0.3, 3.0, 30.0, 300.0];
+
+/// Marks `experimental` every signal whose head [`fit_heads`] had to make constant.
+pub fn mark_constant_heads(signals: &mut [SignalSpec], facts: &BTreeMap<String, f64>) {
+    for spec in signals {
+        if facts.contains_key(&format!("{}_constant_head", spec.name)) {
+            spec.status = Status::Experimental;
+        }
+    }
+}
 
 /// One logistic head per signal over pooled features (`features[set][example]`).
 pub fn fit_heads(

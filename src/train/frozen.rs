@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::model::card::{Backbone, ModelCard, Training, CARD_VERSION};
-use crate::train::build::{self, seconds, step_err, BuildError, BuildOptions, DataSet};
+use crate::train::build::{
+    self, seconds, step_err, with_causes, BuildError, BuildOptions, DataSet,
+};
 use crate::train::features;
 use crate::train::gpt2::Gpt2Config;
 use crate::train::{catalog, fit, pretrained};
@@ -37,7 +39,7 @@ pub fn heads(options: &HeadsOptions, command: &str) -> Result<ModelCard, BuildEr
     std::fs::create_dir_all(out)
         .map_err(|source| BuildError::Write { path: out.clone(), source })?;
     let mut backbone = features::Backbone::open(&options.backbone, options.build.threads)
-        .map_err(|e| step_err("backbone")(format!("{}: {e}", options.backbone.display())))?;
+        .map_err(|e| step_err("backbone")(with_causes(&e)))?;
     if backbone.outputs().iter().any(|o| o == "scores") {
         return Err(step_err("backbone")(format!(
             "{} has a `scores` output, which the processor would serve instead of the card's \
@@ -82,10 +84,11 @@ pub fn heads(options: &HeadsOptions, command: &str) -> Result<ModelCard, BuildEr
     let mut facts = serde_json::Map::new();
     facts.insert("backbone".into(), options.backbone.display().to_string().into());
     facts.insert("feature_seconds".into(), seconds(started).into());
-    for (k, v) in head_facts {
-        facts.insert(k, ((v * 10_000.0).round() / 10_000.0).into());
+    for (k, v) in &head_facts {
+        facts.insert(k.clone(), ((v * 10_000.0).round() / 10_000.0).into());
     }
     let mut card = card(options, &sets, &onnx, width, max_tokens, config.as_ref(), command)?;
+    fit::mark_constant_heads(&mut card.signals, &head_facts);
     card.heads = Some(head_weights);
     if let Some(training) = &mut card.training {
         training.facts.extend(facts);
@@ -122,7 +125,7 @@ fn pooled_features(
     for set in sets {
         let pooled = backbone
             .pooled(&set.tokens, 64, &progress)
-            .map_err(|e| step_err("features")(e.to_string()))?;
+            .map_err(|e| step_err("features")(with_causes(&e)))?;
         all.push(pooled);
     }
     progress.finish();

@@ -56,4 +56,6 @@ fn resumed_language_model_equals_an_uninterrupted_run() {
         panic!("a resume with other settings must fail")
     };
     assert!(format!("{:?}", err).contains("Settings"), "{err}");
+    let chain = format!("{:#}", anyhow::Error::from(err));
+    assert!(chain.contains("lm_steps: 10 -> 12"), "the refusal names the setting: {chain}");
 }
