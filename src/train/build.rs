@@ -109,7 +109,7 @@ pub enum BuildError {
     Missing(PathBuf),
     #[error(transparent)]
     Import(#[from] ImportError),
-    #[error("cannot start from the Hugging Face checkpoint")]
+    #[error("cannot load the pretrained backbone or its tokenizer")]
     Pretrained(#[source] Box<crate::train::pretrained::PretrainedError>),
     #[error("training checkpoint")]
     Checkpoint(#[from] crate::train::checkpoint::CheckpointError),

@@ -50,6 +50,11 @@ pub enum PretrainedError {
          {config} says vocab_size {vocab_size}"
     )]
     VocabMismatch { tokenizer: PathBuf, tokens: usize, config: PathBuf, vocab_size: usize },
+    #[error(
+        "{0} does not exist (give a tokenizer.json, or a folder with tokenizer.json or \
+         vocab.json + merges.txt)"
+    )]
+    NoTokenizer(PathBuf),
     #[error("cannot load the weights of {path}")]
     Weights {
         path: PathBuf,
@@ -147,7 +152,7 @@ pub fn tokenizer_at(path: &Path) -> Result<TextTokenizer, PretrainedError> {
         return load_tokenizer(path).map(|(tokenizer, _)| tokenizer);
     }
     if !path.is_file() {
-        return Err(PretrainedError::Missing(path.into()));
+        return Err(PretrainedError::NoTokenizer(path.into()));
     }
     TextTokenizer::from_file(path).map_err(PretrainedError::Tokenizer)
 }
