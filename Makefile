@@ -21,7 +21,8 @@ lint:
 test: setup lint
 	$(CARGO) test --all-targets
 
-# Rebuilds the shipped default model from the public data sets (about 15 minutes on 2 cores).
+# Rebuilds the shipped default model and its report in docs/evaluation from the public data
+# sets (about 15 minutes on 2 cores).
 model:
 	$(CARGO) build --release --bin mindstream-train
 	target/release/mindstream-train build --data ../shared/data --out models
