@@ -468,7 +468,7 @@ pub fn build(
     }
     let data = sets.iter().map(DataSet::card_entry).collect();
     let config = model.config().clone();
-    let mut card = ModelCard {
+    let card = ModelCard {
         card_version: CARD_VERSION,
         model_version: format!("gpt2-{}x{}-{}", config.n_layer, config.n_embd, &sha[..12]),
         description: "A small GPT-2 trained by mindstream-train on public e-commerce data, \
@@ -497,18 +497,25 @@ pub fn build(
         training: Some(Training { command: command.into(), data, facts }),
         evaluation: Vec::new(),
     };
-    let card_path = options.out.join(crate::model::CARD_FILE);
+    let report = crate::train::evaluate::Destination { dir: &options.report, command };
+    finish(&options.out, card, &sets, options.threads, report, started)
+}
+
+/// Saves the card of the model in `dir` (which the scorer reads from there), fits its
+/// calibration and evaluates it, writes the report, and saves the card again with the
+/// calibration, the figures and the run's total seconds.
+pub(crate) fn finish(
+    dir: &Path,
+    mut card: crate::model::card::ModelCard,
+    sets: &[DataSet],
+    threads: usize,
+    report: crate::train::evaluate::Destination<'_>,
+    started: Instant,
+) -> Result<crate::model::card::ModelCard, BuildError> {
+    let card_path = dir.join(crate::model::CARD_FILE);
     card.save(&card_path)
         .map_err(|source| BuildError::Write { path: card_path.clone(), source })?;
-
-    let report = crate::train::evaluate::Destination { dir: &options.report, command };
-    crate::train::evaluate::calibrate_and_evaluate(
-        &options.out,
-        &mut card,
-        &sets,
-        options.threads,
-        Some(report),
-    )?;
+    crate::train::evaluate::calibrate_and_evaluate(dir, &mut card, sets, threads, Some(report))?;
     if let Some(training) = &mut card.training {
         training.facts.insert("build_seconds".into(), seconds(started).into());
     }

@@ -93,25 +93,10 @@ pub fn heads(options: &HeadsOptions, command: &str) -> Result<ModelCard, BuildEr
     if let Some(training) = &mut card.training {
         training.facts.extend(facts);
     }
-    let card_path = out.join(crate::model::CARD_FILE);
-    card.save(&card_path)
-        .map_err(|source| BuildError::Write { path: card_path.clone(), source })?;
-
     // The report goes inside the model folder: this path writes nothing outside `out`.
     let report_dir = out.join("evaluation");
     let report = crate::train::evaluate::Destination { dir: &report_dir, command };
-    crate::train::evaluate::calibrate_and_evaluate(
-        out,
-        &mut card,
-        &sets,
-        options.build.threads,
-        Some(report),
-    )?;
-    if let Some(training) = &mut card.training {
-        training.facts.insert("build_seconds".into(), seconds(started).into());
-    }
-    card.save(&card_path).map_err(|source| BuildError::Write { path: card_path, source })?;
-    Ok(card)
+    build::finish(out, card, &sets, options.build.threads, report, started)
 }
 
 /// Pooled features of every example of every set, `features[set][example]`.
