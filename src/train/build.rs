@@ -371,7 +371,7 @@ pub fn build(
     options: &BuildOptions,
     command: &str,
 ) -> Result<crate::model::card::ModelCard, BuildError> {
-    use crate::model::card::{Backbone, ModelCard, Training, CARD_VERSION};
+    use crate::model::card::{ModelCard, Training, CARD_VERSION};
     use crate::train::export::{export_onnx, ExportMeta};
     use crate::train::fit;
     use crate::train::gpt2::Heads;
@@ -485,15 +485,7 @@ pub fn build(
         derived: catalog::derived_signals(),
         heads: None,
         calibration: Vec::new(),
-        backbone: Backbone {
-            architecture: "gpt2".into(),
-            vocab_size: config.vocab_size,
-            n_positions: config.n_positions,
-            n_embd: config.n_embd,
-            n_layer: config.n_layer,
-            n_head: config.n_head,
-            parameters: model.num_parameters(),
-        },
+        backbone: config.card_backbone(),
         training: Some(Training { command: command.into(), data, facts }),
         evaluation: Vec::new(),
     };
@@ -501,9 +493,9 @@ pub fn build(
     finish(&options.out, card, &sets, options.threads, report, started)
 }
 
-/// Saves the card of the model in `dir` (which the scorer reads from there), fits its
-/// calibration and evaluates it, writes the report, and saves the card again with the
-/// calibration, the figures and the run's total seconds.
+/// Saves the card of the model in `dir` (so that a failed evaluation still leaves a loadable
+/// folder), fits its calibration and evaluates it, writes the report, and saves the card
+/// again with the calibration, the figures and the run's total seconds.
 pub(crate) fn finish(
     dir: &Path,
     mut card: crate::model::card::ModelCard,

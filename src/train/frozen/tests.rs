@@ -49,15 +49,7 @@ fn card_over(dir: &Path, heads: HeadWeights, config: &Gpt2Config) -> ModelCard {
         derived: Vec::new(),
         heads: Some(heads),
         calibration: Vec::new(),
-        backbone: Backbone {
-            architecture: "gpt2".into(),
-            vocab_size: config.vocab_size,
-            n_positions: config.n_positions,
-            n_embd: config.n_embd,
-            n_layer: config.n_layer,
-            n_head: config.n_head,
-            parameters: config.num_parameters(),
-        },
+        backbone: config.card_backbone(),
         training: None,
         evaluation: Vec::new(),
     }

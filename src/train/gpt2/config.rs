@@ -67,6 +67,19 @@ impl Gpt2Config {
         (v + p) * d + self.n_layer * (12 * d * d + 13 * d) + 2 * d
     }
 
+    /// The model card's description of a backbone of these sizes.
+    pub fn card_backbone(&self) -> crate::model::card::Backbone {
+        crate::model::card::Backbone {
+            architecture: "gpt2".into(),
+            vocab_size: self.vocab_size,
+            n_positions: self.n_positions,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            parameters: self.num_parameters(),
+        }
+    }
+
     /// Checks the sizes are usable, so a bad config fails here and not deep in a matmul.
     pub fn validate(&self) -> Result<()> {
         let sizes = [self.vocab_size, self.n_positions, self.n_embd, self.n_layer, self.n_head];
