@@ -20,6 +20,8 @@ pub struct Health {
     /// False while the client reports every broker down.
     pub broker_down: AtomicBool,
     pub assignment: Assignment,
+    /// True while newly assigned partitions' state is read back from the changelog.
+    pub restoring: Arc<AtomicBool>,
 }
 
 impl Health {
@@ -31,6 +33,9 @@ impl Health {
         }
         if self.assignment.lock().map(|a| a.is_empty()).unwrap_or(true) {
             reasons.push("no partitions assigned");
+        }
+        if self.restoring.load(Ordering::SeqCst) {
+            reasons.push("restoring state");
         }
         if self.broker_down.load(Ordering::SeqCst) {
             reasons.push("broker unreachable");

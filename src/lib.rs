@@ -17,6 +17,7 @@ pub mod render;
 pub mod signals;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod time;
 pub mod tokenize;
 pub mod train;

@@ -19,6 +19,14 @@ pub const EVENTS_OPTED_OUT: &str = "mindstream_events_opted_out_total";
 pub const RECORDS_OUT: &str = "mindstream_signal_records_total";
 /// Scores delivered, per signal. Labels: `signal`.
 pub const SIGNALS_OUT: &str = "mindstream_signals_total";
+/// Records not published because their user's partition was revoked meanwhile.
+pub const RECORDS_DROPPED_REVOKED: &str = "mindstream_records_dropped_revoked_total";
+/// Users restored from the changelog on assignment.
+pub const USERS_RESTORED: &str = "mindstream_users_restored_total";
+/// Input records already in a restored state (read again after a restart), not applied twice.
+pub const EVENTS_ALREADY_APPLIED: &str = "mindstream_events_already_applied_total";
+/// Exactly-once transactions committed.
+pub const TRANSACTIONS: &str = "mindstream_transactions_total";
 /// Users with state in memory.
 pub const ACTIVE_USERS: &str = "mindstream_active_users";
 /// Approximate bytes of user state in memory.
@@ -91,6 +99,18 @@ fn describe() {
     describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Seconds per offset commit.");
     describe_counter!(COMMIT_FAILURES, Unit::Count, "Offset commits that failed.");
     describe_counter!(REBALANCES, Unit::Count, "Consumer group rebalances.");
+    describe_counter!(
+        RECORDS_DROPPED_REVOKED,
+        Unit::Count,
+        "Records not published because their partition was revoked."
+    );
+    describe_counter!(USERS_RESTORED, Unit::Count, "Users restored from the changelog.");
+    describe_counter!(
+        EVENTS_ALREADY_APPLIED,
+        Unit::Count,
+        "Input records already in a restored state, not applied twice."
+    );
+    describe_counter!(TRANSACTIONS, Unit::Count, "Exactly-once transactions committed.");
     describe_gauge!(CONSUMER_LAG, Unit::Count, "Records behind the high watermark.");
     describe_gauge!(CONSUMER_PAUSED, Unit::Count, "1 while input is paused for backpressure.");
     describe_gauge!(MODEL_INFO, Unit::Count, "The loaded model (always 1).");

@@ -63,7 +63,9 @@ pub fn score_file(
     rejects: Option<&Path>,
 ) -> Result<OfflineStats, OfflineError> {
     let card = model.card.clone();
-    let mut store: Store<()> = Store::new(StoreConfig::resolve(config, &card), Arc::new(key));
+    let mut store_config = StoreConfig::resolve(config, &card);
+    store_config.changelog = false;
+    let mut store: Store<()> = Store::new(store_config, Arc::new(key));
     let mut stats = read_events(input, &mut store, rejects)?;
     stats.users = store.users();
 
@@ -133,12 +135,12 @@ fn read_events(
         let rejection = match json::decode(&line) {
             Err(rejection) => Some(rejection),
             Ok(event) => match store.apply(event, lineage, (), now) {
-                Applied::Accepted => {
+                Applied::Accepted | Applied::AlreadyApplied => {
                     stats.accepted += 1;
                     None
                 }
                 Applied::Late(rejection, ()) => Some(rejection),
-                Applied::OptedOut(_) => {
+                Applied::OptedOut { .. } => {
                     stats.opted_out += 1;
                     None
                 }

@@ -1,9 +1,10 @@
 //! The processor: wires source, windows, model, signals and sink together.
 //!
 //! ```text
+//! changelog ──restore on assign──┐
 //! consumer ──decode──▶ Store (windows, watermarks, coalescing) ──requests──▶ model workers
 //!    │  rejected ──▶ DLQ                                                        │ scores
-//!    └─ commit ◀── offset tracker ◀── acknowledgements ◀── signal records ◀─────┘
+//!    └─ commit ◀── offset tracker ◀── acknowledgements ◀── signal + changelog ◀─┘
 //! ```
 //!
 //! The consumer's life has three phases: consuming, draining (stop reading, score every dirty
@@ -11,6 +12,12 @@
 //! or when `until_caught_up` is set and every assigned partition is read to its end with
 //! nothing left in flight. A model or delivery failure stops the processor without committing
 //! what it did not deliver.
+//!
+//! Partitions come and go while consuming (see [`crate::source`]): an assignment brings the
+//! partitions' users back from the changelog before their first record; a revocation stops
+//! publishing for them, waits for what was already handed to the producer, commits, and
+//! drops their users. Scoring still running for them is dropped deliberately: its records'
+//! offsets stay uncommitted, so the next owner reads them again on top of the restored state.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,6 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::config::DeliveryMode;
 use crate::http::Health;
 use crate::metrics as m;
 use crate::model::batcher::{self, BatchConfig, ScoreRequest, Scored};
@@ -31,8 +39,8 @@ use crate::model::scorer::ModelError;
 use crate::model::LoadedModel;
 use crate::offsets::{OffsetRef, OffsetTracker, Partition};
 use crate::signals;
-use crate::sink::{Sink, SinkError};
-use crate::source::{self, Source, SourceConsumer, SourceContext, Topics};
+use crate::sink::{Owner, Sink, SinkError};
+use crate::source::{self, Polled, RestoreError, Restored, Shared, Source, SourceConsumer, Topics};
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
@@ -54,6 +62,10 @@ pub enum PipelineError {
     WorkersGone,
     #[error("draining did not finish within shutdown.drain_timeout ({0:?})")]
     DrainTimeout(Duration),
+    #[error("cannot restore state from the changelog")]
+    Restore(#[from] RestoreError),
+    #[error("{0}")]
+    Topics(String),
 }
 
 /// Why consuming stopped.
@@ -76,6 +88,11 @@ struct Processor {
     /// Scoring requests to the model workers; dropped when draining so the workers finish.
     requests: Option<flume::Sender<Request>>,
     health: Arc<Health>,
+    mode: DeliveryMode,
+    /// Longest a revocation waits for the producer.
+    drain_timeout: Duration,
+    /// Input partition numbers held (restored and not revoked).
+    held: std::collections::HashSet<i32>,
     /// When the last input record arrived (for the caught-up check).
     last_record: Instant,
     /// Consumption is paused because more users are due than the scoring queue takes.
@@ -111,7 +128,9 @@ pub async fn run(
     let card = model.card.clone();
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let (sink_fatal, sink_errors) = mpsc::unbounded_channel();
-    let sink = Sink::new(&config, tracker.clone(), sink_fatal)?;
+    let sink = tokio::task::block_in_place(|| Sink::new(&config, tracker.clone(), sink_fatal))?;
+    tokio::task::block_in_place(|| check_topics(&config, &sink))?;
+    let probe = tokio::spawn(probe_broker(sink.clone(), health.clone()));
 
     let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
     let (result_tx, result_rx) = flume::bounded(config.scoring.queue_capacity);
@@ -125,9 +144,19 @@ pub async fn run(
         tokio::spawn(publish(result_rx, sink.clone(), card.clone(), explain_top, model_fatal));
     let mut fatal = Fatal { sink: sink_errors, model: model_errors };
 
-    let context = SourceContext { tracker: tracker.clone(), assignment: health.assignment.clone() };
-    let mut source = Source::start(&config, context).map_err(PipelineError::Consumer)?;
-    tracing::info!(inputs = config.inputs.len(), group = %config.kafka.group_id, "consuming");
+    let shared = Shared {
+        tracker: tracker.clone(),
+        assignment: health.assignment.clone(),
+        restoring: health.restoring.clone(),
+    };
+    let mut source = Source::start(&config, shared).map_err(PipelineError::Consumer)?;
+    tracing::info!(
+        inputs = config.inputs.len(),
+        group = %config.kafka.group_id,
+        delivery = ?config.delivery.mode,
+        assignment_strategy = source::assignment_strategy(&config),
+        "consuming"
+    );
     let mut processor = Processor {
         topics: Topics::new(&config),
         store: Store::new(StoreConfig::resolve(&config, &card), Arc::new(key)),
@@ -135,22 +164,85 @@ pub async fn run(
         sink,
         requests: Some(request_tx),
         health,
+        mode: config.delivery.mode,
+        drain_timeout: config.shutdown.drain_timeout,
+        held: std::collections::HashSet::new(),
         last_record: Instant::now(),
         paused: false,
         records_in: 0,
     };
 
-    let reason = processor.consume(&mut source, &config, options, &mut fatal).await?;
+    let consumed = processor.consume(&mut source, &config, options, &mut fatal).await;
+    let reason = match consumed {
+        Ok(reason) => reason,
+        Err(err) => {
+            probe.abort();
+            return Err(err);
+        }
+    };
     tracing::info!(?reason, "draining");
     let timeout = config.shutdown.drain_timeout;
-    tokio::time::timeout(timeout, processor.drain(&mut source, publisher, &mut fatal))
-        .await
-        .map_err(|_| PipelineError::DrainTimeout(timeout))??;
+    let drained =
+        tokio::time::timeout(timeout, processor.drain(&mut source, publisher, &mut fatal)).await;
+    probe.abort();
+    drained.map_err(|_| PipelineError::DrainTimeout(timeout))??;
     tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
         .await
         .ok();
     tracing::info!(?reason, "done");
     Ok(reason)
+}
+
+/// Checks at start-up that the changelog exists with a partition for every input partition
+/// number, so that every assigned partition has somewhere to restore from.
+fn check_topics(config: &Config, sink: &Sink) -> Result<(), PipelineError> {
+    let changelog = &config.state.changelog_topic;
+    let count = |topic: &str| -> Result<usize, PipelineError> {
+        let partitions = sink.partition_count(topic, TOPIC_CHECK_TIMEOUT).map_err(|err| {
+            PipelineError::Topics(format!("cannot read the metadata of topic `{topic}`: {err}"))
+        })?;
+        if partitions == 0 {
+            return Err(PipelineError::Topics(format!(
+                "topic `{topic}` does not exist; create it first (`mindstream topics` creates \
+                 every topic of the configuration)"
+            )));
+        }
+        Ok(partitions)
+    };
+    let changelog_partitions = count(changelog)?;
+    for input in &config.inputs {
+        let partitions = count(&input.topic)?;
+        if partitions > changelog_partitions {
+            return Err(PipelineError::Topics(format!(
+                "state.changelog_topic `{changelog}` has {changelog_partitions} partitions but \
+                 input `{}` has {partitions}; the changelog needs one per input partition",
+                input.topic
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `broker_down` current: a broker that stops answering (a network partition, a
+/// stalled broker) does not always make the client report an error.
+async fn probe_broker(sink: Sink, health: Arc<Health>) {
+    let mut tick = interval(BROKER_PROBE_PERIOD);
+    loop {
+        tick.tick().await;
+        let probe = sink.clone();
+        let reachable =
+            tokio::task::spawn_blocking(move || probe.broker_reachable(BROKER_PROBE_TIMEOUT))
+                .await
+                .unwrap_or(false);
+        let was_down = health.broker_down.swap(!reachable, Ordering::SeqCst);
+        if was_down == reachable {
+            if reachable {
+                tracing::info!("broker reachable again");
+            } else {
+                tracing::warn!(timeout = ?BROKER_PROBE_TIMEOUT, "broker unreachable");
+            }
+        }
+    }
 }
 
 /// Turns scores into records and publishes them, in the order the workers finish.
@@ -169,7 +261,7 @@ async fn publish(
                 return;
             }
         };
-        let Scoring { facts, pending } = scored.context;
+        let Scoring { facts, pending, partition, epoch, changelog } = scored.context;
         let now = crate::time::now_ms();
         let record = signals::build(
             &card,
@@ -180,7 +272,7 @@ async fn publish(
             explain_top,
             now,
         );
-        sink.publish(&record, pending).await;
+        sink.publish(&record, changelog, Owner { partition, epoch }, pending).await;
     }
 }
 
@@ -207,16 +299,22 @@ impl Processor {
                 err = fatal.next() => return Err(err),
                 () = &mut shutdown => return Ok(StopReason::Signal),
                 _ = coalesce.tick() => self.dispatch_due(source.consumer())?,
-                _ = commit.tick() => self.commit(source.consumer(), CommitMode::Async),
+                _ = commit.tick() => self.commit(source.consumer(), CommitMode::Async).await?,
                 _ = housekeeping.tick() => self.housekeeping(source.consumer()).await,
                 _ = caught_up.tick(), if options.until_caught_up => {
                     if self.is_caught_up(source).await {
                         return Ok(StopReason::CaughtUp);
                     }
                 }
-                message = source.recv() => match message {
-                    Ok(message) => self.handle(&message).await,
-                    Err(err) => self.client_error(&err),
+                polled = source.recv() => match polled {
+                    Polled::Record(message) => self.handle(&message).await,
+                    Polled::Error(err) => self.client_error(&err),
+                    Polled::Assigned { partitions, restored } => self.assigned(&partitions, restored),
+                    Polled::Revoked { numbers, done, .. } => {
+                        self.revoked(source.consumer(), &numbers).await?;
+                        let _ = done.send(());
+                    }
+                    Polled::RestoreFailed(err) => return Err(err.into()),
                 },
             }
         }
@@ -231,6 +329,10 @@ impl Processor {
             tracing::warn!(topic = message.topic(), "record from a topic not subscribed");
             return;
         };
+        if !self.held.contains(&message.partition()) {
+            // Read before its partition was revoked; the next owner reads it again.
+            return;
+        }
         let partition = Partition { topic: topic.clone(), partition: message.partition() };
         let offset = message.offset();
         self.tracker.lock().expect("offset tracker lock poisoned").open(&partition, offset);
@@ -248,13 +350,15 @@ impl Processor {
                 let labels = [("topic", topic.to_string()), ("kind", kind.to_owned())];
                 metrics::counter!(m::EVENTS_ACCEPTED, &labels).increment(1);
             }
+            Applied::AlreadyApplied => {
+                metrics::counter!(m::EVENTS_ALREADY_APPLIED, "topic" => topic.to_string())
+                    .increment(1);
+            }
             Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
-            Applied::OptedOut(released) => {
+            Applied::OptedOut { user_key, partition, released } => {
                 metrics::counter!(m::EVENTS_OPTED_OUT, "topic" => topic.to_string()).increment(1);
-                let mut tracker = self.tracker.lock().expect("offset tracker lock poisoned");
-                for token in released {
-                    tracker.done(&token.partition, token.offset);
-                }
+                let owner = Owner { partition, epoch: self.store.epoch(partition) };
+                self.sink.tombstone(&user_key, owner, released).await;
             }
         }
     }
@@ -279,6 +383,46 @@ impl Processor {
         );
         let payload = message.payload().unwrap_or_default();
         self.sink.dead_letter(message.key(), payload, &rejection, token).await;
+    }
+
+    /// Takes over newly assigned partitions with their restored users.
+    fn assigned(&mut self, partitions: &[Partition], restored: Vec<Restored>) {
+        for Restored { partition, epoch, users } in restored {
+            let count = self.store.restore(partition, epoch, users);
+            metrics::counter!(m::USERS_RESTORED).increment(count as u64);
+            self.sink.hold_partition(partition, epoch);
+            self.held.insert(partition);
+        }
+        tracing::debug!(partitions = partitions.len(), "assignment taken over");
+    }
+
+    /// Lets go of revoked partition numbers: nothing more is published for their users, what
+    /// was handed to the producer is delivered (at-least-once) or committed (exactly-once),
+    /// and their users are dropped. The source commits the done positions afterwards.
+    async fn revoked(
+        &mut self,
+        consumer: &SourceConsumer,
+        numbers: &[i32],
+    ) -> Result<(), PipelineError> {
+        self.sink.release_partitions(numbers);
+        match self.mode {
+            DeliveryMode::AtLeastOnce => {
+                if !self.sink.wait_partitions_idle(numbers, self.drain_timeout).await {
+                    tracing::warn!(
+                        partitions = ?numbers,
+                        "revoked partitions still had records in flight; their offsets stay \
+                         uncommitted"
+                    );
+                }
+            }
+            DeliveryMode::ExactlyOnce => self.commit_transaction(consumer).await?,
+        }
+        let dropped = self.store.revoke(numbers);
+        for number in numbers {
+            self.held.remove(number);
+        }
+        tracing::info!(partitions = ?numbers, users = dropped, "revoked partitions let go");
+        Ok(())
     }
 
     fn client_error(&self, err: &KafkaError) {
@@ -333,11 +477,19 @@ impl Processor {
         Ok(())
     }
 
-    /// Commits every partition whose done position moved.
-    fn commit(&self, consumer: &SourceConsumer, mode: CommitMode) {
+    /// Commits every partition whose done position moved: a consumer commit (at-least-once)
+    /// or the open transaction (exactly-once).
+    async fn commit(
+        &self,
+        consumer: &SourceConsumer,
+        mode: CommitMode,
+    ) -> Result<(), PipelineError> {
+        if self.mode == DeliveryMode::ExactlyOnce {
+            return self.commit_transaction(consumer).await;
+        }
         let positions = self.tracker.lock().expect("offset tracker lock poisoned").to_commit();
         if positions.is_empty() {
-            return;
+            return Ok(());
         }
         let mut list = TopicPartitionList::new();
         for (partition, position) in &positions {
@@ -346,7 +498,7 @@ impl Processor {
                 list.add_partition_offset(&partition.topic, partition.partition, offset)
             {
                 tracing::warn!(cause = %err, "cannot build the commit list");
-                return;
+                return Ok(());
             }
         }
         let started = Instant::now();
@@ -360,6 +512,23 @@ impl Processor {
                 tracing::warn!(cause = %err, "offset commit failed");
             }
         }
+        Ok(())
+    }
+
+    /// Exactly-once: commits the open transaction with the input positions it covers. A
+    /// failure stops the processor; the restart resumes from the last committed transaction.
+    async fn commit_transaction(&self, consumer: &SourceConsumer) -> Result<(), PipelineError> {
+        let Some(group) = consumer.group_metadata() else {
+            return Err(PipelineError::Consumer(KafkaError::ClientCreation(
+                "the consumer has no group metadata for the transaction".into(),
+            )));
+        };
+        let positions = self.sink.commit_transaction(&group).await?;
+        metrics::counter!(m::TRANSACTIONS).increment(1);
+        if !positions.is_empty() {
+            tracing::debug!(partitions = positions.len(), "transaction committed");
+        }
+        Ok(())
     }
 
     /// Gauges, idle-user eviction, consumer lag and a progress line.
@@ -375,8 +544,13 @@ impl Processor {
             "progress"
         );
         let evicted = self.store.evict_idle();
-        if evicted > 0 {
-            metrics::counter!(m::USERS_EVICTED).increment(evicted as u64);
+        if !evicted.is_empty() {
+            metrics::counter!(m::USERS_EVICTED).increment(evicted.len() as u64);
+        }
+        for dropped in evicted {
+            let owner =
+                Owner { partition: dropped.partition, epoch: self.store.epoch(dropped.partition) };
+            self.sink.tombstone(&dropped.user_key, owner, Vec::new()).await;
         }
         metrics::gauge!(m::ACTIVE_USERS).set(self.store.users() as f64);
         metrics::gauge!(m::STATE_BYTES).set(self.store.state_bytes() as f64);
@@ -454,7 +628,7 @@ impl Processor {
             () = finish => {}
         }
         source.stop();
-        self.commit(source.consumer(), CommitMode::Sync);
+        self.commit(source.consumer(), CommitMode::Sync).await?;
         source.consumer().unsubscribe();
         Ok(())
     }
@@ -470,6 +644,11 @@ const CAUGHT_UP_PERIOD: Duration = Duration::from_millis(500);
 const CAUGHT_UP_QUIET: Duration = Duration::from_secs(2);
 /// Bound on one watermark query.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on the start-up metadata queries.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the broker's reachability is checked, and how long one check may take.
+const BROKER_PROBE_PERIOD: Duration = Duration::from_secs(2);
+const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A timer that, after a late tick, waits a whole period again instead of catching up.
 fn interval(period: Duration) -> tokio::time::Interval {

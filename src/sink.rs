@@ -1,24 +1,35 @@
-//! The producer side: signal records to the signal topic and rejected records to the DLQ.
+//! The producer side: signal records to the signal topic, user state to the changelog, and
+//! rejected records to the DLQ.
 //!
 //! Records are handed to librdkafka in order (so one user's records keep their order on the
-//! topic); a task per record waits for the broker's acknowledgement and only then releases
-//! the input offsets the record covers. A record the producer finally cannot deliver is fatal:
-//! the processor stops without committing its offsets, so the events are read again.
+//! topic). At-least-once: a task per record waits for the broker's acknowledgement and only
+//! then releases the input offsets the record covers; a signal's offsets wait for its
+//! changelog write too. Exactly-once: every record goes into the open transaction and releases
+//! its offsets as soon as it is handed over; [`Sink::commit_transaction`] then commits the
+//! records and the released offsets together. A record the producer finally cannot deliver
+//! (or a transaction that cannot commit) is fatal: the processor stops without committing
+//! its offsets, so the events are read again.
+//!
+//! Records of a user are published only while this instance holds the user's partition
+//! under the assignment epoch the scoring began in; once a partition is let go, nothing more
+//! is written for it (see [`Sink::release_partitions`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
-use tokio::sync::{mpsc, Notify};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, Notify, RwLock};
 
-use crate::config::Config;
+use crate::config::{Config, DeliveryMode};
 use crate::event::{Format, Rejection};
 use crate::metrics as m;
-use crate::offsets::{OffsetRef, OffsetTracker};
+use crate::offsets::{OffsetRef, OffsetTracker, Partition};
 use crate::signals::{self, SignalRecord};
 
 /// Header names on dead-letter records.
@@ -41,6 +52,21 @@ pub enum SinkError {
         #[source]
         source: KafkaError,
     },
+    #[error("Kafka transaction step `{step}` failed")]
+    Transaction {
+        step: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// Which user a record belongs to, for the ownership check.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner {
+    /// Input partition number.
+    pub partition: i32,
+    /// Assignment epoch the work began under.
+    pub epoch: u64,
 }
 
 /// Shared handle on the producer; cheap to clone.
@@ -49,19 +75,31 @@ pub struct Sink {
     producer: FutureProducer,
     signals_topic: Arc<str>,
     dlq_topic: Arc<str>,
+    changelog_topic: Arc<str>,
     format: Format,
-    /// Offsets released on acknowledgement.
+    mode: DeliveryMode,
+    transaction_timeout: Duration,
+    /// Offsets released on acknowledgement (at-least-once) or hand-over (exactly-once).
     tracker: Arc<Mutex<OffsetTracker>>,
+    /// Assignment epoch of each input partition number held; only ever locked briefly and
+    /// never across an await.
+    owned: Arc<Mutex<HashMap<i32, u64>>>,
+    /// Exactly-once: hand-overs hold it shared, a transaction commit exclusively, so a commit
+    /// sees every hand-over either wholly before it or wholly after.
+    transaction: Arc<RwLock<()>>,
     /// Where a delivery failure is reported; the pipeline stops on the first.
     fatal: mpsc::UnboundedSender<SinkError>,
     /// Records handed to the producer and not yet acknowledged.
     in_flight: Arc<AtomicUsize>,
+    /// The same, per input partition number of the records' users.
+    in_flight_by_partition: Arc<Mutex<HashMap<i32, usize>>>,
     /// Woken whenever `in_flight` drops to zero.
     idle: Arc<Notify>,
 }
 
-/// Producer properties: idempotent, all replicas, Java-compatible key partitioning; then the
-/// user's `kafka.client` and `kafka.producer` maps, which win.
+/// Producer properties: idempotent, all replicas, Java-compatible key partitioning, and in
+/// exactly-once mode the transactional id; then the user's `kafka.client` and
+/// `kafka.producer` maps, which win.
 pub fn producer_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
@@ -70,6 +108,13 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("partitioner", "murmur2_random");
+    if config.delivery.mode == DeliveryMode::ExactlyOnce {
+        if let Some(id) = &config.delivery.transactional_id {
+            client.set("transactional.id", id);
+        }
+        let timeout_ms = config.delivery.transaction_timeout.as_millis().max(1000);
+        client.set("transaction.timeout.ms", timeout_ms.to_string());
+    }
     for (key, value) in config.kafka.client.iter().chain(&config.kafka.producer) {
         client.set(key, value);
     }
@@ -77,40 +122,92 @@ pub fn producer_config(config: &Config) -> ClientConfig {
 }
 
 impl Sink {
+    /// Creates the producer; in exactly-once mode also fences any earlier producer with the
+    /// same transactional id (aborting its open transaction) and opens the first transaction.
     pub fn new(
         config: &Config,
         tracker: Arc<Mutex<OffsetTracker>>,
         fatal: mpsc::UnboundedSender<SinkError>,
     ) -> Result<Sink, SinkError> {
-        let producer = producer_config(config).create().map_err(SinkError::Create)?;
+        let producer: FutureProducer =
+            producer_config(config).create().map_err(SinkError::Create)?;
+        let mode = config.delivery.mode;
+        let transaction_timeout = config.delivery.transaction_timeout;
+        if mode == DeliveryMode::ExactlyOnce {
+            let step = |step| move |source| SinkError::Transaction { step, source };
+            producer.init_transactions(transaction_timeout).map_err(step("init"))?;
+            producer.begin_transaction().map_err(step("begin"))?;
+            tracing::info!(
+                transactional_id = config.delivery.transactional_id.as_deref().unwrap_or(""),
+                "transactional producer ready"
+            );
+        }
         Ok(Sink {
             producer,
             signals_topic: config.output.signals_topic.as_str().into(),
             dlq_topic: config.output.dlq_topic.as_str().into(),
+            changelog_topic: config.state.changelog_topic.as_str().into(),
             format: config.output.format,
+            mode,
+            transaction_timeout,
             tracker,
+            owned: Arc::new(Mutex::new(HashMap::new())),
+            transaction: Arc::new(RwLock::new(())),
             fatal,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            in_flight_by_partition: Arc::new(Mutex::new(HashMap::new())),
             idle: Arc::new(Notify::new()),
         })
     }
 
-    /// Publishes a signal record; `covers` are released when the broker acknowledges it.
-    pub async fn publish(&self, record: &SignalRecord, covers: Vec<OffsetRef>) {
+    /// Starts publishing for input partition numbers restored under `epoch`.
+    pub fn hold_partition(&self, partition: i32, epoch: u64) {
+        self.owned.lock().expect("ownership lock poisoned").insert(partition, epoch);
+    }
+
+    /// Stops publishing for these partition numbers: from the return of this call on,
+    /// nothing more is handed to the producer for their users.
+    pub fn release_partitions(&self, partitions: &[i32]) {
+        let mut owned = self.owned.lock().expect("ownership lock poisoned");
+        for partition in partitions {
+            owned.remove(partition);
+        }
+    }
+
+    /// Publishes a signal record and the state it was computed from; `covers` are released
+    /// when both are delivered. Nothing is published when `owner` no longer holds the user.
+    pub async fn publish(
+        &self,
+        record: &SignalRecord,
+        changelog: Option<Vec<u8>>,
+        owner: Owner,
+        covers: Vec<OffsetRef>,
+    ) {
         let payload = signals::encode(self.format, record);
         let signal_names: Vec<String> = record.scores.iter().map(|s| s.signal.clone()).collect();
-        let topic = self.signals_topic.clone();
-        let sent = self
-            .send(&topic, &record.user_key, &payload, OwnedHeaders::new(), covers, move || {
-                metrics::counter!(m::RECORDS_OUT).increment(1);
-                for signal in signal_names {
-                    metrics::counter!(m::SIGNALS_OUT, "signal" => signal).increment(1);
-                }
-            })
-            .await;
-        if let Err(err) = sent {
-            let _ = self.fatal.send(err);
+        let key = record.user_key.as_bytes();
+        let mut records = Vec::with_capacity(2);
+        if let Some(state) = &changelog {
+            let to = Target::Partition(self.changelog_topic.clone(), owner.partition);
+            records.push(Outgoing { to, key, payload: state, headers: None });
         }
+        let to = Target::Keyed(self.signals_topic.clone());
+        records.push(Outgoing { to, key, payload: &payload, headers: None });
+        self.send(records, Some(owner), covers, move || {
+            metrics::counter!(m::RECORDS_OUT).increment(1);
+            for signal in signal_names {
+                metrics::counter!(m::SIGNALS_OUT, "signal" => signal).increment(1);
+            }
+        })
+        .await;
+    }
+
+    /// Deletes a user's changelog entry (a tombstone); `covers` are released when it is
+    /// delivered.
+    pub async fn tombstone(&self, user_key: &str, owner: Owner, covers: Vec<OffsetRef>) {
+        let to = Target::Partition(self.changelog_topic.clone(), owner.partition);
+        let record = Outgoing { to, key: user_key.as_bytes(), payload: &[], headers: None };
+        self.send(vec![record], Some(owner), covers, || {}).await;
     }
 
     /// Sends a rejected record's original bytes to the DLQ with the reason and its source.
@@ -129,60 +226,159 @@ impl Sink {
             .insert(Header { key: dlq_headers::TOPIC, value: Some(&*token.partition.topic) })
             .insert(Header { key: dlq_headers::PARTITION, value: Some(partition.as_str()) })
             .insert(Header { key: dlq_headers::OFFSET, value: Some(offset.as_str()) });
-        let topic = self.dlq_topic.clone();
+        let to = Target::Keyed(self.dlq_topic.clone());
         let key = key.unwrap_or_default();
-        if let Err(err) = self.send(&topic, key, payload, headers, vec![token], || {}).await {
-            let _ = self.fatal.send(err);
-        }
+        let record = Outgoing { to, key, payload, headers: Some(headers) };
+        self.send(vec![record], None, vec![token], || {}).await;
     }
 
-    async fn send<K: rdkafka::message::ToBytes + ?Sized>(
+    /// Hands `records` to the producer in order, if `owner` (when given) still holds its
+    /// partition, and arranges for `covers` to be released and `on_delivered` to run once all
+    /// of them are delivered. A failure is reported on the fatal channel.
+    async fn send(
         &self,
-        topic: &str,
-        key: &K,
-        payload: &[u8],
-        headers: OwnedHeaders,
+        records: Vec<Outgoing<'_>>,
+        owner: Option<Owner>,
         covers: Vec<OffsetRef>,
         on_delivered: impl FnOnce() + Send + 'static,
-    ) -> Result<(), SinkError> {
-        let mut record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
+    ) {
         let started = Instant::now();
-        let delivery = loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => break delivery,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+        let _gate = match self.mode {
+            DeliveryMode::ExactlyOnce => Some(self.transaction.read().await),
+            DeliveryMode::AtLeastOnce => None,
+        };
+        let mut deliveries = Vec::with_capacity(records.len());
+        for outgoing in records {
+            let topic = outgoing.to.topic().to_owned();
+            match self.enqueue(outgoing, owner).await {
+                Ok(Some(delivery)) => deliveries.push((topic, delivery)),
+                Ok(None) => {
+                    metrics::counter!(m::RECORDS_DROPPED_REVOKED).increment(1);
+                    return;
                 }
-                Err((source, _)) => {
-                    return Err(SinkError::Deliver { topic: topic.into(), source });
+                Err(source) => {
+                    let _ = self.fatal.send(SinkError::Deliver { topic, source });
+                    return;
                 }
             }
-        };
+        }
+        if self.mode == DeliveryMode::ExactlyOnce {
+            // The transaction commit delivers these records and these offsets together.
+            self.release(&covers);
+        }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if let Some(owner) = owner {
+            let mut by_partition = self.in_flight_by_partition.lock().expect("in-flight lock");
+            *by_partition.entry(owner.partition).or_default() += 1;
+        }
         let sink = self.clone();
-        let topic = topic.to_owned();
         tokio::spawn(async move {
-            let outcome = delivery.await;
-            match outcome {
-                Ok(Ok(_)) => {
-                    metrics::histogram!(m::PRODUCE_SECONDS).record(started.elapsed().as_secs_f64());
+            let mut delivered = true;
+            for (topic, delivery) in deliveries {
+                let failure = match delivery.await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err((source, _))) => Some(source),
+                    Err(_cancelled) => Some(KafkaError::Canceled),
+                };
+                if let Some(source) = failure {
+                    let _ = sink.fatal.send(SinkError::Deliver { topic, source });
+                    delivered = false;
+                    break;
+                }
+            }
+            if delivered {
+                metrics::histogram!(m::PRODUCE_SECONDS).record(started.elapsed().as_secs_f64());
+                if sink.mode == DeliveryMode::AtLeastOnce {
                     sink.release(&covers);
-                    on_delivered();
                 }
-                Ok(Err((source, _))) => {
-                    let _ = sink.fatal.send(SinkError::Deliver { topic, source });
-                }
-                Err(_cancelled) => {
-                    let source = KafkaError::Canceled;
-                    let _ = sink.fatal.send(SinkError::Deliver { topic, source });
+                on_delivered();
+            }
+            if let Some(owner) = owner {
+                let mut by_partition = sink.in_flight_by_partition.lock().expect("in-flight lock");
+                if let Some(count) = by_partition.get_mut(&owner.partition) {
+                    *count -= 1;
+                    if *count == 0 {
+                        by_partition.remove(&owner.partition);
+                    }
                 }
             }
             if sink.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
                 sink.idle.notify_waiters();
             }
         });
-        Ok(())
+    }
+
+    /// Hands one record to the producer, waiting while its queue is full. `None` when the
+    /// owner's partition is no longer held (checked under the ownership lock, so a release
+    /// never races a hand-over).
+    async fn enqueue(
+        &self,
+        outgoing: Outgoing<'_>,
+        owner: Option<Owner>,
+    ) -> Result<Option<rdkafka::producer::DeliveryFuture>, KafkaError> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(outgoing.to.topic()).key(outgoing.key);
+        if !outgoing.payload.is_empty() {
+            record = record.payload(outgoing.payload);
+        }
+        if let Target::Partition(_, partition) = &outgoing.to {
+            record = record.partition(*partition);
+        }
+        if let Some(headers) = outgoing.headers {
+            record = record.headers(headers);
+        }
+        loop {
+            let attempt = {
+                let owned = self.owned.lock().expect("ownership lock poisoned");
+                if let Some(owner) = owner {
+                    if owned.get(&owner.partition) != Some(&owner.epoch) {
+                        return Ok(None);
+                    }
+                }
+                self.producer.send_result(record)
+            };
+            match attempt {
+                Ok(delivery) => return Ok(Some(delivery)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((source, _)) => return Err(source),
+            }
+        }
+    }
+
+    /// Exactly-once: commits the open transaction with the input positions released so far
+    /// (each with `metadata`), and opens the next one. Returns the positions committed.
+    pub async fn commit_transaction(
+        &self,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<Vec<(Partition, i64)>, SinkError> {
+        let _exclusive = self.transaction.write().await;
+        let positions = self.tracker.lock().expect("offset tracker lock poisoned").to_commit();
+        let step = |step| move |source| SinkError::Transaction { step, source };
+        let timeout = self.transaction_timeout;
+        let started = Instant::now();
+        tokio::task::block_in_place(|| {
+            if !positions.is_empty() {
+                let mut list = TopicPartitionList::new();
+                for (partition, position) in &positions {
+                    list.add_partition_offset(
+                        &partition.topic,
+                        partition.partition,
+                        Offset::Offset(*position),
+                    )
+                    .map_err(step("offsets"))?;
+                }
+                self.producer
+                    .send_offsets_to_transaction(&list, group, timeout)
+                    .map_err(step("send_offsets"))?;
+            }
+            self.producer.commit_transaction(timeout).map_err(step("commit"))?;
+            self.producer.begin_transaction().map_err(step("begin"))
+        })?;
+        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        self.tracker.lock().expect("offset tracker lock poisoned").committed(&positions);
+        Ok(positions)
     }
 
     fn release(&self, covers: &[OffsetRef]) {
@@ -202,6 +398,41 @@ impl Sink {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// How many partitions `topic` has (0 when it does not exist). Blocks the calling thread.
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<usize, KafkaError> {
+        let metadata = self.producer.client().fetch_metadata(Some(topic), timeout)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
+    }
+
+    /// Whether a broker answers a metadata request within `timeout`. Blocks the calling
+    /// thread.
+    pub fn broker_reachable(&self, timeout: Duration) -> bool {
+        self.producer.client().fetch_metadata(Some(&self.signals_topic), timeout).is_ok()
+    }
+
+    /// Waits until no record of these partition numbers' users is awaiting its
+    /// acknowledgement; false when `timeout` passes first.
+    pub async fn wait_partitions_idle(&self, partitions: &[i32], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let busy = {
+                let by_partition = self.in_flight_by_partition.lock().expect("in-flight lock");
+                partitions.iter().any(|p| by_partition.contains_key(p))
+            };
+            if !busy {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Waits until every record handed over so far is acknowledged (or failed).
     pub async fn wait_idle(&self) {
         loop {
@@ -212,4 +443,28 @@ impl Sink {
             notified.await;
         }
     }
+}
+
+/// Where one outgoing record goes.
+enum Target {
+    /// Partitioned by key with the Java client's partitioner.
+    Keyed(Arc<str>),
+    /// An explicit partition (changelog records follow their input partition).
+    Partition(Arc<str>, i32),
+}
+
+impl Target {
+    fn topic(&self) -> &str {
+        match self {
+            Target::Keyed(topic) | Target::Partition(topic, _) => topic,
+        }
+    }
+}
+
+struct Outgoing<'a> {
+    to: Target,
+    key: &'a [u8],
+    /// Empty for a tombstone.
+    payload: &'a [u8],
+    headers: Option<OwnedHeaders>,
 }

@@ -1,33 +1,116 @@
-//! The consumer side: a consumer group over the input topics, and the decoding of each record
-//! into an [`Event`] or a [`Rejection`] for the DLQ.
+//! The consumer side: a consumer group over the input topics, the restore of each assigned
+//! partition's user state from the changelog, and the decoding of each record into an
+//! [`Event`] or a [`Rejection`] for the DLQ.
 //!
 //! Offsets are never committed automatically; the pipeline commits what the offset tracker
-//! says is done. On a revocation the context commits the revoked partitions' done positions
-//! before they move to another instance, and forgets them.
+//! says is done. Everything the pipeline learns from the consumer travels over one ordered
+//! channel ([`Polled`]), so a partition's restored state always arrives before its first
+//! record, and a revocation after every record read before it:
+//!
+//! - **assign**: the rebalance callback reads the changelog partitions of the newly held
+//!   partition numbers to their end and hands the users over before it returns, so no record
+//!   of those partitions is handed out before their state;
+//! - **revoke**: the callback asks the pipeline to let go of the partitions (it stops
+//!   publishing for them, waits for what it handed to the producer, and drops their users),
+//!   waits for its answer, then commits the partitions' done positions (at-least-once; in
+//!   exactly-once mode the pipeline has committed its transaction instead).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, DeliveryMode};
 use crate::event::{self, Event, Format, RejectReason, Rejection};
 use crate::metrics as m;
 use crate::offsets::{OffsetTracker, Partition};
+use crate::state::{self, Snapshot};
 
-/// Partitions currently assigned to this instance (for readiness and the caught-up check).
+/// Partitions currently assigned to this instance and restored (for readiness and the
+/// caught-up check).
 pub type Assignment = Arc<Mutex<BTreeSet<Partition>>>;
 
-/// Consumer context: logs client events, counts rebalances, keeps the assignment current.
+/// What the polling thread hands to the pipeline, in order.
+pub enum Polled {
+    Record(OwnedMessage),
+    Error(KafkaError),
+    /// Partitions newly assigned, with the restored users of the partition numbers this
+    /// instance did not hold before.
+    Assigned {
+        partitions: Vec<Partition>,
+        restored: Vec<Restored>,
+    },
+    /// Partitions being revoked. The pipeline lets go of the partition numbers no longer held
+    /// (`numbers`), then answers on `done`; the partitions move only after that.
+    Revoked {
+        partitions: Vec<Partition>,
+        numbers: Vec<i32>,
+        done: std_mpsc::SyncSender<()>,
+    },
+    /// The changelog could not be read; the processor stops.
+    RestoreFailed(RestoreError),
+}
+
+/// The users of one input partition number, read back from the changelog.
+pub struct Restored {
+    pub partition: i32,
+    /// A number that grows with every assignment, so work begun under an earlier assignment of
+    /// the same partition is recognised as stale.
+    pub epoch: u64,
+    pub users: Vec<(String, Snapshot)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("cannot create the changelog reader")]
+    Client(#[source] KafkaError),
+    #[error("cannot read changelog topic {topic}")]
+    Read {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("changelog {topic} partition {partition} offset {offset} holds a bad state")]
+    Decode {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        #[source]
+        source: state::StateError,
+    },
+    #[error("restoring {topic} partitions {partitions:?} took longer than state.restore_timeout ({timeout:?})")]
+    Timeout { topic: String, partitions: Vec<i32>, timeout: Duration },
+}
+
+/// Consumer context: the rebalance protocol described in the module documentation, plus
+/// client logs and rebalance counts.
 pub struct SourceContext {
+    tracker: Arc<Mutex<OffsetTracker>>,
+    assignment: Assignment,
+    /// Set while a restore runs (readiness).
+    restoring: Arc<AtomicBool>,
+    to_pipeline: mpsc::Sender<Polled>,
+    /// Set once the pipeline stops reading; callbacks then only commit.
+    stopping: Arc<AtomicBool>,
+    restorer: Restorer,
+    epoch: AtomicU64,
+    mode: DeliveryMode,
+    /// Longest a revocation waits for the pipeline.
+    revoke_timeout: Duration,
+}
+
+/// What the pipeline shares with the consumer side.
+pub struct Shared {
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub assignment: Assignment,
+    pub restoring: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceContext {
@@ -38,9 +121,92 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(partitions) = rebalance else { return };
+        if let Rebalance::Revoke(partitions) = rebalance {
+            self.revoke(consumer, partitions_of(partitions));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => self.assign(partitions_of(partitions)),
+            Rebalance::Error(err) => tracing::warn!(cause = %err, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+impl SourceContext {
+    fn held_numbers(&self) -> BTreeSet<i32> {
+        let assignment = self.assignment.lock().expect("assignment lock poisoned");
+        assignment.iter().map(|p| p.partition).collect()
+    }
+
+    fn assign(&self, assigned: Vec<Partition>) {
+        metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
+        if assigned.is_empty() {
+            return;
+        }
+        let held = self.held_numbers();
+        let numbers: Vec<i32> = assigned
+            .iter()
+            .map(|p| p.partition)
+            .filter(|n| !held.contains(n))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.restoring.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let restored = match self.restorer.restore(&numbers) {
+            Ok(users) => users,
+            Err(err) => {
+                self.send(Polled::RestoreFailed(err));
+                return;
+            }
+        };
+        let restored: Vec<Restored> = restored
+            .into_iter()
+            .map(|(partition, users)| {
+                let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                Restored { partition, epoch, users }
+            })
+            .collect();
+        let users: usize = restored.iter().map(|r| r.users.len()).sum();
+        tracing::info!(
+            partitions = ?assigned.iter().map(|p| p.partition).collect::<Vec<_>>(),
+            restored_partitions = ?numbers,
+            restored_users = users,
+            restore_ms = started.elapsed().as_millis() as u64,
+            "partitions assigned"
+        );
+        self.send(Polled::Assigned { partitions: assigned.clone(), restored });
+        self.assignment.lock().expect("assignment lock poisoned").extend(assigned);
+        self.restoring.store(false, Ordering::SeqCst);
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, revoked: Vec<Partition>) {
         metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
-        let revoked = partitions_of(partitions);
+        let remaining: BTreeSet<i32> = {
+            let mut assignment = self.assignment.lock().expect("assignment lock poisoned");
+            for partition in &revoked {
+                assignment.remove(partition);
+            }
+            assignment.iter().map(|p| p.partition).collect()
+        };
+        let numbers: Vec<i32> = revoked
+            .iter()
+            .map(|p| p.partition)
+            .filter(|n| !remaining.contains(n))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (done, finished) = std_mpsc::sync_channel(1);
+        let handed = self.send(Polled::Revoked { partitions: revoked.clone(), numbers, done });
+        if handed && finished.recv_timeout(self.revoke_timeout).is_err() {
+            tracing::warn!(
+                timeout = ?self.revoke_timeout,
+                "the pipeline did not let go of revoked partitions in time"
+            );
+        }
         let mut commit = TopicPartitionList::new();
         {
             let mut tracker = self.tracker.lock().expect("offset tracker lock poisoned");
@@ -54,28 +220,33 @@ impl ConsumerContext for SourceContext {
                 }
             }
         }
-        if commit.count() > 0 {
+        // In exactly-once mode offsets are committed only inside transactions.
+        if self.mode == DeliveryMode::AtLeastOnce && commit.count() > 0 {
             if let Err(err) = consumer.commit(&commit, CommitMode::Sync) {
                 tracing::warn!(cause = %err, "commit on revocation failed");
             }
         }
-        let mut assignment = self.assignment.lock().expect("assignment lock poisoned");
-        for partition in &revoked {
-            assignment.remove(partition);
-        }
-        tracing::info!(partitions = revoked.len(), "partitions revoked");
+        tracing::info!(
+            partitions = ?revoked.iter().map(|p| p.partition).collect::<Vec<_>>(),
+            "partitions revoked"
+        );
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(partitions) => {
-                metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
-                let assigned = partitions_of(partitions);
-                tracing::info!(partitions = assigned.len(), "partitions assigned");
-                self.assignment.lock().expect("assignment lock poisoned").extend(assigned);
+    /// Hands `polled` to the pipeline; false when it no longer reads. Never blocks a thread
+    /// of the async runtime (the consumer's close may run these callbacks on one).
+    fn send(&self, mut polled: Polled) -> bool {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return false;
             }
-            Rebalance::Error(err) => tracing::warn!(cause = %err, "rebalance failed"),
-            Rebalance::Revoke(_) => {}
+            match self.to_pipeline.try_send(polled) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    polled = back;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
         }
     }
 }
@@ -87,10 +258,134 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<Partition> {
         .collect()
 }
 
-pub type SourceConsumer = BaseConsumer<SourceContext>;
+/// Users by pseudonymised key, as restored.
+type Users = Vec<(String, Snapshot)>;
 
-/// Records (or consumer errors) handed from the polling thread to the pipeline.
-pub type Polled = Result<OwnedMessage, KafkaError>;
+/// Reads changelog partitions back into user states.
+struct Restorer {
+    client: ClientConfig,
+    topic: String,
+    timeout: Duration,
+}
+
+impl Restorer {
+    fn new(config: &Config) -> Restorer {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &config.kafka.brokers);
+        for (key, value) in &config.kafka.client {
+            client.set(key, value);
+        }
+        client
+            .set("group.id", format!("{}-restore", config.kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            // Aborted transactions never reach the state (where the broker honours this).
+            .set("isolation.level", "read_committed");
+        Restorer {
+            client,
+            topic: config.state.changelog_topic.clone(),
+            timeout: config.state.restore_timeout,
+        }
+    }
+
+    /// Each partition's users, latest value per key, tombstones applied.
+    fn restore(&self, numbers: &[i32]) -> Result<Vec<(i32, Users)>, RestoreError> {
+        if numbers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let consumer: BaseConsumer<RestoreContext> =
+            self.client.create_with_context(RestoreContext).map_err(RestoreError::Client)?;
+        let read_err = |source| RestoreError::Read { topic: self.topic.clone(), source };
+        let mut list = TopicPartitionList::new();
+        for &number in numbers {
+            list.add_partition_offset(&self.topic, number, Offset::Beginning).map_err(read_err)?;
+        }
+        consumer.assign(&list).map_err(read_err)?;
+        let mut latest: HashMap<i32, HashMap<Vec<u8>, Option<Snapshot>>> =
+            numbers.iter().map(|&n| (n, HashMap::new())).collect();
+        let mut open: BTreeSet<i32> = numbers.iter().copied().collect();
+        let deadline = Instant::now() + self.timeout;
+        while !open.is_empty() {
+            if Instant::now() > deadline {
+                let partitions = open.into_iter().collect();
+                return Err(RestoreError::Timeout {
+                    topic: self.topic.clone(),
+                    partitions,
+                    timeout: self.timeout,
+                });
+            }
+            let message = match consumer.poll(Duration::from_millis(100)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    open.remove(&partition);
+                    continue;
+                }
+                Some(Err(err)) if is_transient(&err) => {
+                    tracing::warn!(cause = %err, "changelog read retried");
+                    continue;
+                }
+                Some(Err(err)) => return Err(read_err(err)),
+                Some(Ok(message)) => message,
+            };
+            let Some(key) = message.key() else { continue };
+            let value = match message.payload() {
+                None | Some([]) => None,
+                Some(bytes) => {
+                    Some(state::decode(bytes).map_err(|source| RestoreError::Decode {
+                        topic: self.topic.clone(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        source,
+                    })?)
+                }
+            };
+            if let Some(users) = latest.get_mut(&message.partition()) {
+                users.insert(key.to_vec(), value);
+            }
+        }
+        Ok(latest
+            .into_iter()
+            .map(|(partition, users)| {
+                let users = users
+                    .into_iter()
+                    .filter_map(|(key, snapshot)| Some((String::from_utf8(key).ok()?, snapshot?)))
+                    .collect();
+                (partition, users)
+            })
+            .collect())
+    }
+}
+
+/// The changelog reader's context: the end of a partition is how a restore knows it is done,
+/// not an error to log.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(cause = %error, reason, "changelog reader error");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
+
+/// Errors a reader rides out (the client retries underneath).
+fn is_transient(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+        )
+    )
+}
+
+pub type SourceConsumer = BaseConsumer<SourceContext>;
 
 /// Records buffered between the polling thread and the pipeline.
 const POLLED_CAPACITY: usize = 1024;
@@ -102,25 +397,37 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// librdkafka needs `poll` at least every `max.poll.interval.ms`, also while every partition
 /// is paused for backpressure; a thread of its own polls continuously and hands records over
 /// a bounded channel, so the pipeline may pause, commit and query the consumer at any time
-/// without ever being the one that keeps it alive.
+/// without ever being the one that keeps it alive. Rebalance callbacks run on that thread.
 pub struct Source {
     consumer: Arc<SourceConsumer>,
     /// Records from the polling thread; closed when the thread stops.
     records: mpsc::Receiver<Polled>,
-    /// Tells the polling thread to stop; set by [`Source::stop`] and on drop.
+    /// Tells the polling thread (and the rebalance callbacks) to stop; set by
+    /// [`Source::stop`] and on drop.
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Source {
     /// Creates the consumer, subscribes it to every input topic and starts polling.
-    pub fn start(config: &Config, context: SourceContext) -> Result<Source, KafkaError> {
+    pub fn start(config: &Config, shared: Shared) -> Result<Source, KafkaError> {
+        let (sender, records) = mpsc::channel(POLLED_CAPACITY);
+        let stop = Arc::new(AtomicBool::new(false));
+        let context = SourceContext {
+            tracker: shared.tracker,
+            assignment: shared.assignment,
+            restoring: shared.restoring,
+            to_pipeline: sender.clone(),
+            stopping: stop.clone(),
+            restorer: Restorer::new(config),
+            epoch: AtomicU64::new(0),
+            mode: config.delivery.mode,
+            revoke_timeout: config.shutdown.drain_timeout,
+        };
         let consumer: SourceConsumer = consumer_config(config).create_with_context(context)?;
         let topics: Vec<&str> = config.inputs.iter().map(|i| i.topic.as_str()).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
-        let (sender, records) = mpsc::channel(POLLED_CAPACITY);
-        let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("mindstream-poll".into())
             .spawn({
@@ -137,7 +444,7 @@ impl Source {
         &self.consumer
     }
 
-    /// The next record or consumer error; pending forever once the thread has stopped.
+    /// The next item from the consumer; pending forever once the thread has stopped.
     pub async fn recv(&mut self) -> Polled {
         match self.records.recv().await {
             Some(polled) => polled,
@@ -145,7 +452,7 @@ impl Source {
         }
     }
 
-    /// Records polled and not yet taken by the pipeline.
+    /// Items polled and not yet taken by the pipeline.
     pub fn buffered(&self) -> usize {
         self.records.len()
     }
@@ -171,8 +478,8 @@ fn poll_loop(consumer: &SourceConsumer, sender: &mpsc::Sender<Polled>, stop: &At
     while !stop.load(Ordering::SeqCst) {
         let polled = match consumer.poll(POLL_TIMEOUT) {
             None => continue,
-            Some(Ok(message)) => Ok(message.detach()),
-            Some(Err(err)) => Err(err),
+            Some(Ok(message)) => Polled::Record(message.detach()),
+            Some(Err(err)) => Polled::Error(err),
         };
         if sender.blocking_send(polled).is_err() {
             tracing::debug!("poll thread stopped: the pipeline closed its end");
@@ -182,8 +489,10 @@ fn poll_loop(consumer: &SourceConsumer, sender: &mpsc::Sender<Polled>, stop: &At
     tracing::debug!("poll thread stopped");
 }
 
-/// Consumer properties: manual commits from the beginning of the topic for a new group; then
-/// the user's `kafka.client` and `kafka.consumer` maps, which win.
+/// Consumer properties: manual commits from the beginning of the topic for a new group, and
+/// an assignment strategy that keeps each user's partitions together (see
+/// [`assignment_strategy`]); then the user's `kafka.client` and `kafka.consumer` maps, which
+/// win.
 pub fn consumer_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
@@ -191,11 +500,25 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         .set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", assignment_strategy(config));
     for (key, value) in config.kafka.client.iter().chain(&config.kafka.consumer) {
         client.set(key, value);
     }
     client
+}
+
+/// `cooperative-sticky` with one input topic: a rebalance moves only the partitions that
+/// change owner. With several input topics a user's events arrive on the same partition
+/// number of each, and only `range` assigns equal numbers of co-partitioned topics to the same
+/// instance, so that is the default there.
+pub fn assignment_strategy(config: &Config) -> &'static str {
+    if config.inputs.len() > 1 {
+        "range"
+    } else {
+        "cooperative-sticky"
+    }
 }
 
 /// Input topics by name, with their format and an interned name for lineage.

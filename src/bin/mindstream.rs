@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
     },
-    /// Create the input, signal and DLQ topics of the configuration.
+    /// Create the input, signal, DLQ and state changelog topics of the configuration.
     Topics {
         #[arg(long, default_value_t = 3)]
         partitions: i32,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{Config, DEFAULT_SESSION_TIMEOUT_MS, ENV_PREFIX};
+use super::{Config, DeliveryMode, DEFAULT_SESSION_TIMEOUT_MS, ENV_PREFIX};
 
 /// A configuration that cannot be used. Every variant names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,36 @@ impl Config {
         }
         if self.output.dlq_topic.is_empty() || self.output.dlq_topic == self.output.signals_topic {
             return Err(("output.dlq_topic", "must be set and differ from signals_topic".into()));
+        }
+        let changelog = &self.state.changelog_topic;
+        if changelog.is_empty()
+            || changelog == &self.output.signals_topic
+            || changelog == &self.output.dlq_topic
+            || self.inputs.iter().any(|i| &i.topic == changelog)
+        {
+            return Err((
+                "state.changelog_topic",
+                "must be set and differ from every input and output topic".into(),
+            ));
+        }
+        if self.state.restore_timeout.is_zero() {
+            return Err(("state.restore_timeout", "must be longer than zero".into()));
+        }
+        if self.delivery.mode == DeliveryMode::ExactlyOnce {
+            if self.delivery.transactional_id.as_deref().is_none_or(|id| id.trim().is_empty()) {
+                return Err((
+                    "delivery.transactional_id",
+                    "is required with delivery.mode = \"exactly_once\"".into(),
+                ));
+            }
+            let own = ["transactional.id", "enable.idempotence", "isolation.level"];
+            let maps = [&self.kafka.client, &self.kafka.producer, &self.kafka.consumer];
+            if let Some(key) = own.iter().find(|k| maps.iter().any(|m| m.contains_key(**k))) {
+                return Err((
+                    "delivery.mode",
+                    format!("exactly_once sets `{key}` itself; remove it from kafka.*"),
+                ));
+            }
         }
         if self.window.max_events == Some(0) {
             return Err(("window.max_events", "must be at least 1".into()));

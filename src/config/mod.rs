@@ -44,6 +44,82 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// The delivery guarantee of signal records, changelog writes and input offsets.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// Offsets are committed only after everything they produced is acknowledged; a restart
+    /// may deliver a record again, with the same per-user `version`.
+    AtLeastOnce,
+    /// Signals, changelog writes, dead letters and input offsets are committed in one Kafka
+    /// transaction; a restarted or zombie instance is fenced through `transactional_id`.
+    ExactlyOnce,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// `at_least_once` or `exactly_once`.
+    #[serde(default = "default_delivery_mode")]
+    pub mode: DeliveryMode,
+    /// With `exactly_once`: the producer's transactional id, stable across restarts of the
+    /// same instance (for example the pod name of a StatefulSet) and unique among instances.
+    pub transactional_id: Option<String>,
+    /// With `exactly_once`: longest one transaction commit may take before the processor
+    /// gives up and stops (a restart resumes from the last committed transaction).
+    #[serde(default = "default_transaction_timeout", with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            mode: default_delivery_mode(),
+            transactional_id: None,
+            transaction_timeout: default_transaction_timeout(),
+        }
+    }
+}
+
+fn default_delivery_mode() -> DeliveryMode {
+    DeliveryMode::AtLeastOnce
+}
+fn default_transaction_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Compacted topic of per-user window state, keyed by the pseudonymised user key, with
+    /// as many partitions as each input topic.
+    #[serde(default = "default_changelog_topic")]
+    pub changelog_topic: String,
+    /// Longest the restore of newly assigned partitions may take before the processor stops.
+    #[serde(default = "default_restore_timeout", with = "humantime_serde")]
+    pub restore_timeout: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            changelog_topic: default_changelog_topic(),
+            restore_timeout: default_restore_timeout(),
+        }
+    }
+}
+
+fn default_changelog_topic() -> String {
+    "mindstream-state".into()
+}
+fn default_restore_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -85,3 +85,22 @@ fn input_topic_cannot_be_an_output() {
     let text = MINIMAL.replace("topic = \"clicks\"", "topic = \"dlq\"");
     assert!(load(&text, &[]).unwrap_err().to_string().contains("inputs.topic"));
 }
+
+#[test]
+fn exactly_once_needs_a_transactional_id() {
+    let env = [("MINDSTREAM__DELIVERY__MODE", "exactly_once")];
+    let err = load(MINIMAL, &env).unwrap_err().to_string();
+    assert!(err.contains("delivery.transactional_id"), "{err}");
+    let env = [env[0], ("MINDSTREAM__DELIVERY__TRANSACTIONAL_ID", "mindstream-0")];
+    assert!(load(MINIMAL, &env).is_ok());
+    let env = [env[0], env[1], ("MINDSTREAM__KAFKA__PRODUCER__TRANSACTIONAL_ID", "other")];
+    let err = load(MINIMAL, &env).unwrap_err().to_string();
+    assert!(err.contains("delivery.mode") && err.contains("transactional.id"), "{err}");
+}
+
+#[test]
+fn changelog_topic_must_be_its_own() {
+    let env = [("MINDSTREAM__STATE__CHANGELOG_TOPIC", "clicks")];
+    let err = load(MINIMAL, &env).unwrap_err().to_string();
+    assert!(err.contains("state.changelog_topic"), "{err}");
+}

@@ -1,4 +1,4 @@
-//! `mindstream topics create`: the input, signal and DLQ topics of a configuration.
+//! `mindstream topics`: the input, signal, DLQ and changelog topics of a configuration.
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -21,7 +21,10 @@ pub enum TopicsError {
 }
 
 /// Creates every topic the configuration names; existing topics are left as they are.
-/// The signal topic is compacted (a consumer needs only each user's latest record).
+/// The signal topic is compacted (a consumer needs only each user's latest record), and so
+/// is the state changelog (a restore needs only each user's latest state). The changelog
+/// gets the same partition count as the inputs: its partition `p` holds the users of input
+/// partition `p`.
 pub async fn create(
     config: &Config,
     partitions: i32,
@@ -41,6 +44,10 @@ pub async fn create(
             .set("cleanup.policy", "compact"),
     );
     topics.push(NewTopic::new(&config.output.dlq_topic, partitions, replication()));
+    topics.push(
+        NewTopic::new(&config.state.changelog_topic, partitions, replication())
+            .set("cleanup.policy", "compact"),
+    );
 
     let results = admin
         .create_topics(&topics, &AdminOptions::new())

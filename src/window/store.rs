@@ -7,6 +7,14 @@
 //! burst of events gives one scoring of the latest window; the tokens of every event since
 //! the last scoring travel with that request, so they are released only when its record is
 //! delivered.
+//!
+//! Users are held under their pseudonymised key, so nothing the store keeps or hands out
+//! (scoring requests, changelog snapshots) carries a raw user id. Each user belongs to the
+//! input partition number its events come from; the store can drop a partition's users when
+//! it is revoked and take them back from changelog snapshots when it is assigned. A restored
+//! state remembers the last input offset applied per topic, so records read again after a
+//! restart are not applied twice; they still mark the user for scoring, so the signal the
+//! state was written with is delivered at least once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,6 +25,7 @@ use crate::model::batcher::ScoreRequest;
 use crate::privacy::Pseudonymizer;
 use crate::render;
 use crate::signals::WindowFacts;
+use crate::state::{self, AppliedThrough, Snapshot};
 use crate::window::{Lineage, StateSpec, UserState, WindowEvent};
 
 #[derive(Clone, Debug)]
@@ -30,6 +39,8 @@ pub struct StoreConfig {
     pub explain_candidates: usize,
     /// Interests reported per record.
     pub top_interests: usize,
+    /// Whether scoring requests carry the user's encoded state for the changelog.
+    pub changelog: bool,
 }
 
 impl StoreConfig {
@@ -68,6 +79,7 @@ impl StoreConfig {
             coalesce: config.scoring.coalesce,
             explain_candidates: config.scoring.explain_candidates,
             top_interests: config.interests.top_k,
+            changelog: true,
         }
     }
 }
@@ -77,31 +89,83 @@ pub struct Scoring<T> {
     pub facts: WindowFacts,
     /// Tokens of the events applied since the previous scoring of this user.
     pub pending: Vec<T>,
+    /// The input partition number the user belongs to.
+    pub partition: i32,
+    /// The store's epoch of that partition when the request was made; a record whose
+    /// partition has been revoked (or revoked and assigned again) since is not published.
+    pub epoch: u64,
+    /// The encoded [`Snapshot`] of the state scored, when the store writes a changelog.
+    pub changelog: Option<Vec<u8>>,
 }
 
 /// The outcome of [`Store::apply`].
 pub enum Applied<T> {
     /// In the window; the token is held until the user's next record is delivered.
     Accepted,
+    /// Already in the user's restored state (read again after a restart): not applied, but
+    /// the user is scored again and the token held until that record is delivered.
+    AlreadyApplied,
     /// Behind the watermark: the caller dead-letters the record and releases the token.
     Late(Rejection, T),
-    /// The user opted out: state dropped, these tokens (this event's included) are released.
-    OptedOut(Vec<T>),
+    /// The user opted out: state dropped; the caller writes a tombstone for `user_key` and
+    /// releases these tokens (this event's included) when it is delivered.
+    OptedOut { user_key: String, partition: i32, released: Vec<T> },
+}
+
+/// A user dropped from the store whose changelog entry must be deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dropped {
+    pub user_key: String,
+    pub partition: i32,
 }
 
 struct Tracked<T> {
     state: UserState,
+    /// The input partition number the user's events come from.
+    partition: i32,
+    /// Per input topic, the last offset applied to `state`.
+    applied_through: Vec<(Arc<str>, i64)>,
     /// When the first change since the last scoring request arrived; `None` when clean.
     dirty_since: Option<Instant>,
     pending: Vec<T>,
 }
 
+impl<T> Tracked<T> {
+    fn already_applied(&self, lineage: &Lineage) -> bool {
+        self.applied_through
+            .iter()
+            .any(|(topic, offset)| *topic == lineage.topic && lineage.offset <= *offset)
+    }
+
+    fn record_applied(&mut self, lineage: &Lineage) {
+        match self.applied_through.iter_mut().find(|(topic, _)| *topic == lineage.topic) {
+            Some((_, offset)) => *offset = (*offset).max(lineage.offset),
+            None => self.applied_through.push((lineage.topic.clone(), lineage.offset)),
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            partition: self.partition,
+            state: self.state.clone(),
+            applied_through: self
+                .applied_through
+                .iter()
+                .map(|(topic, offset)| AppliedThrough { topic: (**topic).into(), offset: *offset })
+                .collect(),
+        }
+    }
+}
+
 pub struct Store<T> {
     config: StoreConfig,
     pseudonymizer: Arc<Pseudonymizer>,
+    /// Users by pseudonymised key.
     users: HashMap<String, Tracked<T>>,
     /// Newest event time seen per source partition.
     newest: HashMap<(Arc<str>, i32), i64>,
+    /// Assignment epoch per input partition number (0 where never restored).
+    epochs: HashMap<i32, u64>,
     /// Users in order of their first unscored change; entries whose user was scored or
     /// changed again since are skipped when they come up.
     due: VecDeque<(Instant, String)>,
@@ -114,6 +178,7 @@ impl<T> Store<T> {
             pseudonymizer,
             users: HashMap::new(),
             newest: HashMap::new(),
+            epochs: HashMap::new(),
             due: VecDeque::new(),
         }
     }
@@ -135,30 +200,44 @@ impl<T> Store<T> {
         }
         *newest = (*newest).max(event.event_time_ms);
 
+        let user_key = self.pseudonymizer.key(&event.user_id);
         if event.opt_out {
-            let mut released = self.users.remove(&event.user_id).map_or(Vec::new(), |t| t.pending);
+            let mut released = self.users.remove(&user_key).map_or(Vec::new(), |t| t.pending);
             released.push(token);
-            return Applied::OptedOut(released);
+            return Applied::OptedOut { user_key, partition: lineage.partition, released };
         }
 
-        let stored = WindowEvent::from_event(&event, lineage, &self.config.state.window);
-        match self.users.get_mut(&event.user_id) {
+        let stored = WindowEvent::from_event(&event, lineage.clone(), &self.config.state.window);
+        match self.users.get_mut(&user_key) {
             Some(tracked) => {
-                tracked.state.apply(stored, &self.config.state);
+                let outcome = if tracked.already_applied(&lineage) {
+                    Applied::AlreadyApplied
+                } else {
+                    tracked.state.apply(stored, &self.config.state);
+                    tracked.record_applied(&lineage);
+                    Applied::Accepted
+                };
                 tracked.pending.push(token);
                 if tracked.dirty_since.is_none() {
                     tracked.dirty_since = Some(now);
-                    self.due.push_back((now, event.user_id));
+                    self.due.push_back((now, user_key));
                 }
+                outcome
             }
             None => {
                 let state = UserState::new(stored, &self.config.state);
-                let tracked = Tracked { state, dirty_since: Some(now), pending: vec![token] };
-                self.users.insert(event.user_id.clone(), tracked);
-                self.due.push_back((now, event.user_id));
+                let tracked = Tracked {
+                    state,
+                    partition: lineage.partition,
+                    applied_through: vec![(lineage.topic.clone(), lineage.offset)],
+                    dirty_since: Some(now),
+                    pending: vec![token],
+                };
+                self.users.insert(user_key.clone(), tracked);
+                self.due.push_back((now, user_key));
+                Applied::Accepted
             }
         }
-        Applied::Accepted
     }
 
     /// At most `limit` scoring requests for users whose debounce has passed by `now`, oldest
@@ -206,25 +285,80 @@ impl<T> Store<T> {
         }
         tracked.dirty_since = None;
         let pending = std::mem::take(&mut tracked.pending);
-        let key = self.pseudonymizer.key(user);
-        let facts = WindowFacts::of(key, &tracked.state, self.config.top_interests);
+        let facts = WindowFacts::of(user.to_owned(), &tracked.state, self.config.top_interests);
         let segments = render::render(&tracked.state);
         let count = tracked.state.events().len();
         let candidates = (count.saturating_sub(self.config.explain_candidates)..count).collect();
-        Some(ScoreRequest { segments, candidates, context: Scoring { facts, pending } })
+        let changelog = self.config.changelog.then(|| state::encode(&tracked.snapshot()));
+        let partition = tracked.partition;
+        let epoch = self.epochs.get(&partition).copied().unwrap_or(0);
+        let context = Scoring { facts, pending, partition, epoch, changelog };
+        Some(ScoreRequest { segments, candidates, context })
+    }
+
+    /// Takes over the users of input partition `partition` from their changelog snapshots,
+    /// under a new assignment `epoch`. A snapshot of a user already held replaces it.
+    pub fn restore(
+        &mut self,
+        partition: i32,
+        epoch: u64,
+        snapshots: impl IntoIterator<Item = (String, Snapshot)>,
+    ) -> usize {
+        self.epochs.insert(partition, epoch);
+        let mut restored = 0;
+        for (user_key, snapshot) in snapshots {
+            let tracked = Tracked {
+                state: snapshot.state,
+                partition,
+                applied_through: snapshot
+                    .applied_through
+                    .into_iter()
+                    .map(|a| (Arc::<str>::from(a.topic), a.offset))
+                    .collect(),
+                dirty_since: None,
+                pending: Vec::new(),
+            };
+            self.users.insert(user_key, tracked);
+            restored += 1;
+        }
+        restored
+    }
+
+    /// Drops the users of revoked input partition numbers, with their unscored changes and
+    /// held tokens (the partitions' next owner reads those records again), and forgets the
+    /// partitions' watermarks. Returns how many users were dropped.
+    pub fn revoke(&mut self, partitions: &[i32]) -> usize {
+        let before = self.users.len();
+        self.users.retain(|_, t| !partitions.contains(&t.partition));
+        self.newest.retain(|(_, p), _| !partitions.contains(p));
+        for partition in partitions {
+            self.epochs.remove(partition);
+        }
+        before - self.users.len()
     }
 
     /// Drops users idle past the TTL. Only users that any later event would restart anyway
     /// are dropped (idle longer than TTL plus allowed lateness behind the slowest partition),
     /// so eviction never changes a result; dirty users wait for their scoring.
-    pub fn evict_idle(&mut self) -> usize {
+    pub fn evict_idle(&mut self) -> Vec<Dropped> {
         let Some(&clock) = self.newest.values().filter(|&&t| t != i64::MIN).min() else {
-            return 0;
+            return Vec::new();
         };
         let horizon = clock - self.config.state.user_ttl_ms - self.config.allowed_lateness_ms;
-        let before = self.users.len();
-        self.users.retain(|_, t| t.dirty_since.is_some() || t.state.newest_ms() >= horizon);
-        before - self.users.len()
+        let mut dropped = Vec::new();
+        self.users.retain(|key, t| {
+            let keep = t.dirty_since.is_some() || t.state.newest_ms() >= horizon;
+            if !keep {
+                dropped.push(Dropped { user_key: key.clone(), partition: t.partition });
+            }
+            keep
+        });
+        dropped
+    }
+
+    /// The assignment epoch of an input partition number (0 where never restored).
+    pub fn epoch(&self, partition: i32) -> u64 {
+        self.epochs.get(&partition).copied().unwrap_or(0)
     }
 
     pub fn users(&self) -> usize {
@@ -243,7 +377,7 @@ impl<T> Store<T> {
 
     /// The current window of a user, if held.
     pub fn state(&self, user_id: &str) -> Option<&UserState> {
-        self.users.get(user_id).map(|t| &t.state)
+        self.users.get(&self.pseudonymizer.key(user_id)).map(|t| &t.state)
     }
 }
 
@@ -265,6 +399,7 @@ mod tests {
             coalesce: Duration::from_millis(coalesce_ms),
             explain_candidates: 2,
             top_interests: 3,
+            changelog: true,
         };
         let key = Arc::new(Pseudonymizer::new(b"0123456789abcdef").unwrap());
         Store::new(config, key)
@@ -349,7 +484,15 @@ mod tests {
         let mut quit = event("u", 2_000);
         quit.opt_out = true;
         match store.apply(quit, lineage(0, 1), 1, now) {
-            Applied::OptedOut(released) => assert_eq!(released, [0, 1]),
+            Applied::OptedOut { user_key, partition, released } => {
+                assert_eq!(released, [0, 1]);
+                assert_eq!(partition, 0);
+                assert_eq!(
+                    user_key,
+                    store.pseudonymizer.key("u"),
+                    "tombstone key is the pseudonym"
+                );
+            }
             _ => panic!("expected opt-out"),
         }
         assert_eq!(store.users(), 0);
@@ -363,8 +506,69 @@ mod tests {
         store.apply(event("old", 1_000), lineage(0, 0), 0, now);
         store.take_all();
         store.apply(event("new", 1_000 + 2 * 86_400_000), lineage(0, 1), 1, now);
-        assert_eq!(store.evict_idle(), 1);
+        let evicted = store.evict_idle();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].user_key, store.pseudonymizer.key("old"));
         assert!(store.state("old").is_none());
         assert!(store.state("new").is_some());
+    }
+
+    #[test]
+    fn requests_carry_a_snapshot_of_the_scored_state() {
+        let mut store = store(0);
+        let now = Instant::now();
+        store.apply(event("u", 1_000), lineage(3, 7), 0, now);
+        let (due, _) = store.take_due(now, 10);
+        let scoring = &due[0].context;
+        assert_eq!(scoring.partition, 3);
+        let snapshot = state::decode(scoring.changelog.as_deref().unwrap()).unwrap();
+        assert_eq!(&snapshot.state, store.state("u").unwrap());
+        assert_eq!(snapshot.partition, 3);
+        assert_eq!(snapshot.applied_through, [AppliedThrough { topic: "t".into(), offset: 7 }]);
+        assert!(!scoring.facts.user_key.contains('u'), "requests carry the pseudonym only");
+    }
+
+    #[test]
+    fn records_read_again_after_a_restore_are_scored_but_not_applied_twice() {
+        let mut first = store(0);
+        let now = Instant::now();
+        for offset in 0..3 {
+            first.apply(event("u", 1_000 + offset), lineage(1, offset), offset, now);
+        }
+        let (due, _) = first.take_due(now, 10);
+        let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+
+        // The next owner restores that snapshot, then reads from an older committed offset.
+        let mut second = store(0);
+        let key = second.pseudonymizer.key("u");
+        assert_eq!(second.restore(1, 5, [(key, snapshot.clone())]), 1);
+        assert!(second.take_due(now, 10).0.is_empty(), "a restored user is clean");
+        assert!(matches!(
+            second.apply(event("u", 1_002), lineage(1, 2), 2, now),
+            Applied::AlreadyApplied
+        ));
+        assert!(matches!(
+            second.apply(event("u", 1_003), lineage(1, 3), 3, now),
+            Applied::Accepted
+        ));
+        let (due, _) = second.take_due(now, 10);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].context.pending, [2, 3]);
+        assert_eq!(due[0].context.epoch, 5);
+        assert_eq!(second.state("u").unwrap().applied(), snapshot.state.applied() + 1);
+    }
+
+    #[test]
+    fn revoking_a_partition_drops_only_its_users() {
+        let mut store = store(1_000);
+        let now = Instant::now();
+        store.apply(event("a", 1_000), lineage(0, 0), 0, now);
+        store.apply(event("b", 1_000), lineage(1, 0), 1, now);
+        assert_eq!(store.revoke(&[1]), 1);
+        assert!(store.state("a").is_some());
+        assert!(store.state("b").is_none());
+        let remaining = store.take_all();
+        assert_eq!(remaining.len(), 1, "the dropped user's due entry is skipped");
+        assert_eq!(remaining[0].context.pending, [0]);
     }
 }
