@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -37,10 +36,12 @@ use crate::model::batcher::{self, BatchConfig, ScoreRequest, Scored};
 use crate::model::card::ModelCard;
 use crate::model::scorer::ModelError;
 use crate::model::LoadedModel;
-use crate::offsets::{OffsetRef, OffsetTracker, Partition};
+use crate::offsets::{self, OffsetRef, OffsetTracker, Partition};
 use crate::signals;
 use crate::sink::{Owner, Sink, SinkError};
-use crate::source::{self, Polled, RestoreError, Restored, Shared, Source, SourceConsumer, Topics};
+use crate::source::{
+    self, Committed, Polled, RestoreError, Restored, Shared, Source, SourceConsumer, Topics,
+};
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
@@ -93,6 +94,8 @@ struct Processor {
     drain_timeout: Duration,
     /// Input partition numbers held (restored and not revoked).
     held: std::collections::HashSet<i32>,
+    /// Committed position of each partition when it was assigned: where reading starts.
+    start_positions: std::collections::HashMap<Partition, i64>,
     /// When the last input record arrived (for the caught-up check).
     last_record: Instant,
     /// Consumption is paused because more users are due than the scoring queue takes.
@@ -167,6 +170,7 @@ pub async fn run(
         mode: config.delivery.mode,
         drain_timeout: config.shutdown.drain_timeout,
         held: std::collections::HashSet::new(),
+        start_positions: std::collections::HashMap::new(),
         last_record: Instant::now(),
         paused: false,
         records_in: 0,
@@ -309,7 +313,9 @@ impl Processor {
                 polled = source.recv() => match polled {
                     Polled::Record(message) => self.handle(&message).await,
                     Polled::Error(err) => self.client_error(&err),
-                    Polled::Assigned { partitions, restored } => self.assigned(&partitions, restored),
+                    Polled::Assigned { partitions, restored, committed } => {
+                        self.assigned(&partitions, restored, committed);
+                    }
                     Polled::Revoked { numbers, done, .. } => {
                         self.revoked(source.consumer(), &numbers).await?;
                         let _ = done.send(());
@@ -335,7 +341,8 @@ impl Processor {
         }
         let partition = Partition { topic: topic.clone(), partition: message.partition() };
         let offset = message.offset();
-        self.tracker.lock().expect("offset tracker lock poisoned").open(&partition, offset);
+        let before = self.store.watermark(&topic, message.partition());
+        self.tracker.lock().expect("offset tracker lock poisoned").open(&partition, offset, before);
         metrics::counter!(m::RECORDS_IN, "topic" => topic.to_string()).increment(1);
         let token = OffsetRef { partition, offset, timestamp_ms: message.timestamp().to_millis() };
 
@@ -345,7 +352,13 @@ impl Processor {
         };
         let kind = event.kind().as_str();
         let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
-        match self.store.apply(event, lineage, token, Instant::now()) {
+        let applied = self.store.apply(event, lineage, token, Instant::now());
+        let after = self.store.watermark(&topic, message.partition());
+        if after != before {
+            let partition = Partition { topic: topic.clone(), partition: message.partition() };
+            self.tracker.lock().expect("offset tracker lock poisoned").watermark(&partition, after);
+        }
+        match applied {
             Applied::Accepted => {
                 let labels = [("topic", topic.to_string()), ("kind", kind.to_owned())];
                 metrics::counter!(m::EVENTS_ACCEPTED, &labels).increment(1);
@@ -386,7 +399,19 @@ impl Processor {
     }
 
     /// Takes over newly assigned partitions with their restored users.
-    fn assigned(&mut self, partitions: &[Partition], restored: Vec<Restored>) {
+    fn assigned(
+        &mut self,
+        partitions: &[Partition],
+        restored: Vec<Restored>,
+        committed: Vec<Committed>,
+    ) {
+        for position in committed {
+            if let Some(watermark) = position.watermark {
+                let partition = &position.partition;
+                self.store.set_watermark(&partition.topic, partition.partition, watermark);
+            }
+            self.start_positions.insert(position.partition, position.offset);
+        }
         for Restored { partition, epoch, users } in restored {
             let count = self.store.restore(partition, epoch, users);
             metrics::counter!(m::USERS_RESTORED).increment(count as u64);
@@ -421,6 +446,7 @@ impl Processor {
         for number in numbers {
             self.held.remove(number);
         }
+        self.start_positions.retain(|p, _| !numbers.contains(&p.partition));
         tracing::info!(partitions = ?numbers, users = dropped, "revoked partitions let go");
         Ok(())
     }
@@ -491,16 +517,13 @@ impl Processor {
         if positions.is_empty() {
             return Ok(());
         }
-        let mut list = TopicPartitionList::new();
-        for (partition, position) in &positions {
-            let offset = Offset::Offset(*position);
-            if let Err(err) =
-                list.add_partition_offset(&partition.topic, partition.partition, offset)
-            {
+        let list = match offsets::commit_list(&positions) {
+            Ok(list) => list,
+            Err(err) => {
                 tracing::warn!(cause = %err, "cannot build the commit list");
                 return Ok(());
             }
-        }
+        };
         let started = Instant::now();
         match consumer.commit(&list, mode) {
             Ok(()) => {
@@ -577,10 +600,13 @@ impl Processor {
                 consumer.fetch_watermarks(&partition.topic, partition.partition, WATERMARK_TIMEOUT)
             })
             .ok()?;
+            // Before its first record a partition has no position: it starts at the committed
+            // offset, or at the beginning for a new group.
             let position = positions
                 .find_partition(&partition.topic, partition.partition)
                 .and_then(|e| e.offset().to_raw())
                 .filter(|&p| p >= 0)
+                .or_else(|| self.start_positions.get(&partition).copied())
                 .unwrap_or(low);
             lags.push((partition, (high - position).max(0)));
         }

@@ -23,13 +23,13 @@ use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use tokio::sync::{mpsc, Notify, RwLock};
 
 use crate::config::{Config, DeliveryMode};
 use crate::event::{Format, Rejection};
 use crate::metrics as m;
-use crate::offsets::{OffsetRef, OffsetTracker, Partition};
+use crate::offsets::{self, OffsetRef, OffsetTracker, Position};
 use crate::signals::{self, SignalRecord};
 
 /// Header names on dead-letter records.
@@ -348,11 +348,11 @@ impl Sink {
     }
 
     /// Exactly-once: commits the open transaction with the input positions released so far
-    /// (each with `metadata`), and opens the next one. Returns the positions committed.
+    /// (each with its watermark), and opens the next one. Returns the positions committed.
     pub async fn commit_transaction(
         &self,
         group: &ConsumerGroupMetadata,
-    ) -> Result<Vec<(Partition, i64)>, SinkError> {
+    ) -> Result<Vec<Position>, SinkError> {
         let _exclusive = self.transaction.write().await;
         let positions = self.tracker.lock().expect("offset tracker lock poisoned").to_commit();
         let step = |step| move |source| SinkError::Transaction { step, source };
@@ -360,15 +360,7 @@ impl Sink {
         let started = Instant::now();
         tokio::task::block_in_place(|| {
             if !positions.is_empty() {
-                let mut list = TopicPartitionList::new();
-                for (partition, position) in &positions {
-                    list.add_partition_offset(
-                        &partition.topic,
-                        partition.partition,
-                        Offset::Offset(*position),
-                    )
-                    .map_err(step("offsets"))?;
-                }
+                let list = offsets::commit_list(&positions).map_err(step("offsets"))?;
                 self.producer
                     .send_offsets_to_transaction(&list, group, timeout)
                     .map_err(step("send_offsets"))?;

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, DeliveryMode};
 use crate::event::{self, Event, Format, RejectReason, Rejection};
 use crate::metrics as m;
-use crate::offsets::{OffsetTracker, Partition};
+use crate::offsets::{self, OffsetTracker, Partition};
 use crate::state::{self, Snapshot};
 
 /// Partitions currently assigned to this instance and restored (for readiness and the
@@ -42,10 +42,11 @@ pub enum Polled {
     Record(OwnedMessage),
     Error(KafkaError),
     /// Partitions newly assigned, with the restored users of the partition numbers this
-    /// instance did not hold before.
+    /// instance did not hold before, and the group's committed positions of the partitions.
     Assigned {
         partitions: Vec<Partition>,
         restored: Vec<Restored>,
+        committed: Vec<Committed>,
     },
     /// Partitions being revoked. The pipeline lets go of the partition numbers no longer held
     /// (`numbers`), then answers on `done`; the partitions move only after that.
@@ -126,9 +127,9 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(partitions) => self.assign(partitions_of(partitions)),
+            Rebalance::Assign(partitions) => self.assign(consumer, partitions),
             Rebalance::Error(err) => tracing::warn!(cause = %err, "rebalance failed"),
             Rebalance::Revoke(_) => {}
         }
@@ -141,8 +142,9 @@ impl SourceContext {
         assignment.iter().map(|p| p.partition).collect()
     }
 
-    fn assign(&self, assigned: Vec<Partition>) {
+    fn assign(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
         metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
+        let assigned = partitions_of(list);
         if assigned.is_empty() {
             return;
         }
@@ -171,14 +173,17 @@ impl SourceContext {
             })
             .collect();
         let users: usize = restored.iter().map(|r| r.users.len()).sum();
+        let committed = committed_positions(consumer, list);
+        let watermarks = committed.iter().filter(|c| c.watermark.is_some()).count();
         tracing::info!(
             partitions = ?assigned.iter().map(|p| p.partition).collect::<Vec<_>>(),
             restored_partitions = ?numbers,
             restored_users = users,
+            restored_watermarks = watermarks,
             restore_ms = started.elapsed().as_millis() as u64,
             "partitions assigned"
         );
-        self.send(Polled::Assigned { partitions: assigned.clone(), restored });
+        self.send(Polled::Assigned { partitions: assigned.clone(), restored, committed });
         self.assignment.lock().expect("assignment lock poisoned").extend(assigned);
         self.restoring.store(false, Ordering::SeqCst);
     }
@@ -210,14 +215,10 @@ impl SourceContext {
         let mut commit = TopicPartitionList::new();
         {
             let mut tracker = self.tracker.lock().expect("offset tracker lock poisoned");
-            for partition in &revoked {
-                if let Some(position) = tracker.revoke(partition) {
-                    let _ = commit.add_partition_offset(
-                        &partition.topic,
-                        partition.partition,
-                        Offset::Offset(position),
-                    );
-                }
+            let positions: Vec<_> = revoked.iter().filter_map(|p| tracker.revoke(p)).collect();
+            match offsets::commit_list(&positions) {
+                Ok(list) => commit = list,
+                Err(err) => tracing::warn!(cause = %err, "cannot build the commit list"),
             }
         }
         // In exactly-once mode offsets are committed only inside transactions.
@@ -250,6 +251,42 @@ impl SourceContext {
         }
     }
 }
+
+/// The group's committed position of one partition, with the event-time watermark its
+/// metadata carries (see [`crate::offsets`]).
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub partition: Partition,
+    pub offset: i64,
+    pub watermark: Option<i64>,
+}
+
+/// The committed positions of `list`'s partitions; none where the group has no commit yet or
+/// the broker cannot say.
+fn committed_positions(
+    consumer: &BaseConsumer<SourceContext>,
+    list: &TopicPartitionList,
+) -> Vec<Committed> {
+    let committed = match consumer.committed_offsets(list.clone(), COMMITTED_TIMEOUT) {
+        Ok(committed) => committed,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot read committed offsets; watermarks start afresh");
+            return Vec::new();
+        }
+    };
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let offset = e.offset().to_raw().filter(|&o| o >= 0)?;
+            let partition = Partition { topic: e.topic().into(), partition: e.partition() };
+            Some(Committed { partition, offset, watermark: offsets::watermark_of(e.metadata()) })
+        })
+        .collect()
+}
+
+/// Bound on reading the committed offsets of newly assigned partitions.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<Partition> {
     list.elements()

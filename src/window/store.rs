@@ -356,6 +356,17 @@ impl<T> Store<T> {
         dropped
     }
 
+    /// The newest event time seen on an input partition (its watermark before lateness).
+    pub fn watermark(&self, topic: &Arc<str>, partition: i32) -> Option<i64> {
+        self.newest.get(&(topic.clone(), partition)).copied().filter(|&t| t != i64::MIN)
+    }
+
+    /// Starts an input partition from a watermark carried over from its previous owner.
+    pub fn set_watermark(&mut self, topic: &Arc<str>, partition: i32, watermark: i64) {
+        let newest = self.newest.entry((topic.clone(), partition)).or_insert(i64::MIN);
+        *newest = (*newest).max(watermark);
+    }
+
     /// The assignment epoch of an input partition number (0 where never restored).
     pub fn epoch(&self, partition: i32) -> u64 {
         self.epochs.get(&partition).copied().unwrap_or(0)
