@@ -43,7 +43,7 @@ pub struct Position {
     pub watermark: Option<i64>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Track {
     /// Offsets read but not yet done, each with the watermark before it.
     open: BTreeMap<i64, Option<i64>>,
@@ -53,12 +53,6 @@ struct Track {
     watermark: Option<i64>,
     /// Position last committed.
     committed: Option<i64>,
-}
-
-impl Default for Track {
-    fn default() -> Self {
-        Track { open: BTreeMap::new(), next: 0, watermark: None, committed: None }
-    }
 }
 
 impl Track {
