@@ -19,6 +19,7 @@
 //! drops their users. Scoring still running for them is dropped deliberately: its records'
 //! offsets stay uncommitted, so the next owner reads them again on top of the restored state.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -249,7 +250,8 @@ async fn probe_broker(sink: Sink, health: Arc<Health>) {
     }
 }
 
-/// Turns scores into records and publishes them, in the order the workers finish.
+/// Turns scores into records and publishes them in the order the requests were made (see
+/// [`Scoring::sequence`]); results that finish early wait for the ones before them.
 async fn publish(
     results: flume::Receiver<Outcome>,
     sink: Sink,
@@ -257,6 +259,8 @@ async fn publish(
     explain_top: usize,
     fatal: mpsc::UnboundedSender<ModelError>,
 ) {
+    let mut next = 0u64;
+    let mut early: BTreeMap<u64, Scored<Scoring<OffsetRef>>> = BTreeMap::new();
     while let Ok(outcome) = results.recv_async().await {
         let scored = match outcome {
             Ok(scored) => scored,
@@ -265,18 +269,22 @@ async fn publish(
                 return;
             }
         };
-        let Scoring { facts, pending, partition, epoch, changelog } = scored.context;
-        let now = crate::time::now_ms();
-        let record = signals::build(
-            &card,
-            facts,
-            &scored.full,
-            &scored.without,
-            &scored.kept,
-            explain_top,
-            now,
-        );
-        sink.publish(&record, changelog, Owner { partition, epoch }, pending).await;
+        early.insert(scored.context.sequence, scored);
+        while let Some(scored) = early.remove(&next) {
+            next += 1;
+            let Scoring { facts, pending, partition, epoch, changelog, .. } = scored.context;
+            let now = crate::time::now_ms();
+            let record = signals::build(
+                &card,
+                facts,
+                &scored.full,
+                &scored.without,
+                &scored.kept,
+                explain_top,
+                now,
+            );
+            sink.publish(&record, changelog, Owner { partition, epoch }, pending).await;
+        }
     }
 }
 

@@ -96,6 +96,10 @@ pub struct Scoring<T> {
     pub epoch: u64,
     /// The encoded [`Snapshot`] of the state scored, when the store writes a changelog.
     pub changelog: Option<Vec<u8>>,
+    /// Requests are numbered 0, 1, 2, ... in the order the store makes them; records are
+    /// published in that order, so a user's records and states reach their topics in order
+    /// even when workers finish out of order.
+    pub sequence: u64,
 }
 
 /// The outcome of [`Store::apply`].
@@ -166,6 +170,8 @@ pub struct Store<T> {
     newest: HashMap<(Arc<str>, i32), i64>,
     /// Assignment epoch per input partition number (0 where never restored).
     epochs: HashMap<i32, u64>,
+    /// Number of the next scoring request.
+    next_sequence: u64,
     /// Users in order of their first unscored change; entries whose user was scored or
     /// changed again since are skipped when they come up.
     due: VecDeque<(Instant, String)>,
@@ -179,6 +185,7 @@ impl<T> Store<T> {
             users: HashMap::new(),
             newest: HashMap::new(),
             epochs: HashMap::new(),
+            next_sequence: 0,
             due: VecDeque::new(),
         }
     }
@@ -292,7 +299,9 @@ impl<T> Store<T> {
         let changelog = self.config.changelog.then(|| state::encode(&tracked.snapshot()));
         let partition = tracked.partition;
         let epoch = self.epochs.get(&partition).copied().unwrap_or(0);
-        let context = Scoring { facts, pending, partition, epoch, changelog };
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let context = Scoring { facts, pending, partition, epoch, changelog, sequence };
         Some(ScoreRequest { segments, candidates, context })
     }
 
@@ -469,6 +478,8 @@ mod tests {
         assert_eq!((first.len(), more), (2, true));
         let (rest, more) = store.take_due(now, 2);
         assert_eq!((rest.len(), more), (1, false));
+        let sequences: Vec<u64> = first.iter().chain(&rest).map(|r| r.context.sequence).collect();
+        assert_eq!(sequences, [0, 1, 2], "requests are numbered in the order they are made");
     }
 
     #[test]
