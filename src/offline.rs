@@ -135,7 +135,7 @@ fn read_events(
         let rejection = match json::decode(&line) {
             Err(rejection) => Some(rejection),
             Ok(event) => match store.apply(event, lineage, (), now) {
-                Applied::Accepted | Applied::AlreadyApplied => {
+                Applied::Accepted | Applied::AlreadyApplied(_) => {
                     stats.accepted += 1;
                     None
                 }

@@ -7,8 +7,8 @@
 //!    └─ commit ◀── offset tracker ◀── acknowledgements ◀── signal + changelog ◀─┘
 //! ```
 //!
-//! The consumer's life has three phases: consuming, draining (stop reading, score every dirty
-//! user, wait for every acknowledgement, commit), done. Draining starts on SIGTERM or SIGINT,
+//! The consumer's life has three phases: consuming, draining (stop reading, finish the batches
+//! under way, wait for every acknowledgement, commit), done. Draining starts on SIGTERM or SIGINT,
 //! or when `until_caught_up` is set and every assigned partition is read to its end with
 //! nothing left in flight. A model or delivery failure stops the processor without committing
 //! what it did not deliver.
@@ -89,6 +89,11 @@ struct Processor {
     sink: Sink,
     /// Scoring requests to the model workers; dropped when draining so the workers finish.
     requests: Option<flume::Sender<Request>>,
+    /// The same queue's receiving end, to take back requests no worker has started when
+    /// draining.
+    queued: flume::Receiver<Request>,
+    /// Sequence numbers of requests taken back, for the publisher's ordering.
+    skipped: Option<mpsc::UnboundedSender<u64>>,
     health: Arc<Health>,
     mode: DeliveryMode,
     /// Longest a revocation waits for the producer.
@@ -138,14 +143,17 @@ pub async fn run(
 
     let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
     let (result_tx, result_rx) = flume::bounded(config.scoring.queue_capacity);
+    let (skipped_tx, skipped_rx) = mpsc::unbounded_channel();
     let batch = BatchConfig::new(&config.scoring, card.max_tokens);
+    let queued = request_rx.clone();
     let workers =
         batcher::spawn_workers(model.scorers, &model.tokenizer, batch, request_rx, result_tx);
     health.model_loaded.store(true, Ordering::SeqCst);
     let (model_fatal, model_errors) = mpsc::unbounded_channel();
     let explain_top = config.scoring.explain_top;
+    let done = Done { results: result_rx, skipped: skipped_rx };
     let publisher =
-        tokio::spawn(publish(result_rx, sink.clone(), card.clone(), explain_top, model_fatal));
+        tokio::spawn(publish(done, sink.clone(), card.clone(), explain_top, model_fatal));
     let mut fatal = Fatal { sink: sink_errors, model: model_errors };
 
     let shared = Shared {
@@ -167,6 +175,8 @@ pub async fn run(
         tracker,
         sink,
         requests: Some(request_tx),
+        queued,
+        skipped: Some(skipped_tx),
         health,
         mode: config.delivery.mode,
         drain_timeout: config.shutdown.drain_timeout,
@@ -250,28 +260,48 @@ async fn probe_broker(sink: Sink, health: Arc<Health>) {
     }
 }
 
-/// Turns scores into records and publishes them in the order the requests were made (see
-/// [`Scoring::sequence`]); results that finish early wait for the ones before them.
-async fn publish(
+/// What comes back from scoring: the workers' results, and the sequence numbers of requests
+/// taken back unscored at shutdown.
+struct Done {
     results: flume::Receiver<Outcome>,
+    skipped: mpsc::UnboundedReceiver<u64>,
+}
+
+/// Turns scores into records and publishes them in the order the requests were made (see
+/// [`Scoring::sequence`]); results that finish early wait for the ones before them. Ends when
+/// the workers and the drain are done.
+async fn publish(
+    mut done: Done,
     sink: Sink,
     card: Arc<ModelCard>,
     explain_top: usize,
     fatal: mpsc::UnboundedSender<ModelError>,
 ) {
     let mut next = 0u64;
-    let mut early: BTreeMap<u64, Scored<Scoring<OffsetRef>>> = BTreeMap::new();
-    while let Ok(outcome) = results.recv_async().await {
-        let scored = match outcome {
-            Ok(scored) => scored,
-            Err(err) => {
-                let _ = fatal.send(err);
-                return;
-            }
-        };
-        early.insert(scored.context.sequence, scored);
-        while let Some(scored) = early.remove(&next) {
+    let mut early: BTreeMap<u64, Option<Scored<Scoring<OffsetRef>>>> = BTreeMap::new();
+    let (mut results_open, mut skipped_open) = (true, true);
+    while results_open || skipped_open {
+        tokio::select! {
+            outcome = done.results.recv_async(), if results_open => match outcome {
+                Ok(Ok(scored)) => {
+                    early.insert(scored.context.sequence, Some(scored));
+                }
+                Ok(Err(err)) => {
+                    let _ = fatal.send(err);
+                    return;
+                }
+                Err(_) => results_open = false,
+            },
+            sequence = done.skipped.recv(), if skipped_open => match sequence {
+                Some(sequence) => {
+                    early.insert(sequence, None);
+                }
+                None => skipped_open = false,
+            },
+        }
+        while let Some(entry) = early.remove(&next) {
             next += 1;
+            let Some(scored) = entry else { continue };
             let Scoring { facts, pending, partition, epoch, changelog, .. } = scored.context;
             let now = crate::time::now_ms();
             let record = signals::build(
@@ -371,9 +401,13 @@ impl Processor {
                 let labels = [("topic", topic.to_string()), ("kind", kind.to_owned())];
                 metrics::counter!(m::EVENTS_ACCEPTED, &labels).increment(1);
             }
-            Applied::AlreadyApplied => {
+            Applied::AlreadyApplied(released) => {
                 metrics::counter!(m::EVENTS_ALREADY_APPLIED, "topic" => topic.to_string())
                     .increment(1);
+                if let Some(token) = released {
+                    let mut tracker = self.tracker.lock().expect("offset tracker lock poisoned");
+                    tracker.done(&token.partition, token.offset);
+                }
             }
             Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
             Applied::OptedOut { user_key, partition, released } => {
@@ -500,15 +534,6 @@ impl Processor {
             metrics::gauge!(m::CONSUMER_PAUSED).set(f64::from(u8::from(pause)));
         }
         self.paused = pause;
-    }
-
-    async fn send_requests(&mut self, requests: Vec<Request>) -> Result<(), PipelineError> {
-        let Some(sender) = &self.requests else { return Ok(()) };
-        for request in requests {
-            sender.send_async(request).await.map_err(|_| PipelineError::WorkersGone)?;
-        }
-        metrics::gauge!(m::SCORING_QUEUE_DEPTH).set(sender.len() as f64);
-        Ok(())
     }
 
     /// Commits every partition whose done position moved: a consumer commit (at-least-once)
@@ -648,10 +673,22 @@ impl Processor {
         publisher: tokio::task::JoinHandle<()>,
         fatal: &mut Fatal,
     ) -> Result<(), PipelineError> {
-        let remaining = self.store.take_all();
-        tracing::info!(users = remaining.len(), "scoring dirty users before stopping");
-        self.send_requests(remaining).await?;
+        // Requests no worker has started are taken back: their events stay uncommitted and
+        // are read again by the partitions' next owner, so the drain waits only for the
+        // batches under way, never for a backlog.
+        let taken_back: Vec<Request> = self.queued.drain().collect();
+        if let Some(skipped) = self.skipped.take() {
+            for request in &taken_back {
+                let _ = skipped.send(request.context.sequence);
+            }
+        }
         self.requests = None;
+        tracing::info!(
+            taken_back = taken_back.len(),
+            unscored_users = self.store.dirty(),
+            "finishing the batches under way; unscored events stay uncommitted"
+        );
+        drop(taken_back);
         let finish = async {
             let _ = publisher.await;
             self.sink.wait_idle().await;

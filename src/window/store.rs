@@ -20,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::DeliveryMode;
 use crate::event::{Event, RejectReason, Rejection};
 use crate::model::batcher::ScoreRequest;
 use crate::privacy::Pseudonymizer;
@@ -41,6 +42,10 @@ pub struct StoreConfig {
     pub top_interests: usize,
     /// Whether scoring requests carry the user's encoded state for the changelog.
     pub changelog: bool,
+    /// Whether a record found already applied in a restored state rescores its user. Needed
+    /// at-least-once (the state's signal may not have been delivered); not exactly-once,
+    /// where a restored state and its signal were committed in the same transaction.
+    pub rescore_restored: bool,
 }
 
 impl StoreConfig {
@@ -80,6 +85,7 @@ impl StoreConfig {
             explain_candidates: config.scoring.explain_candidates,
             top_interests: config.interests.top_k,
             changelog: true,
+            rescore_restored: config.delivery.mode == DeliveryMode::AtLeastOnce,
         }
     }
 }
@@ -106,9 +112,10 @@ pub struct Scoring<T> {
 pub enum Applied<T> {
     /// In the window; the token is held until the user's next record is delivered.
     Accepted,
-    /// Already in the user's restored state (read again after a restart): not applied, but
-    /// the user is scored again and the token held until that record is delivered.
-    AlreadyApplied,
+    /// Already in the user's restored state (read again after a restart): not applied. With
+    /// `rescore_restored` the user is scored again and the token held until that record is
+    /// delivered (`None`); otherwise the token comes back for the caller to release.
+    AlreadyApplied(Option<T>),
     /// Behind the watermark: the caller dead-letters the record and releases the token.
     Late(Rejection, T),
     /// The user opted out: state dropped; the caller writes a tombstone for `user_key` and
@@ -218,7 +225,10 @@ impl<T> Store<T> {
         match self.users.get_mut(&user_key) {
             Some(tracked) => {
                 let outcome = if tracked.already_applied(&lineage) {
-                    Applied::AlreadyApplied
+                    if !self.config.rescore_restored {
+                        return Applied::AlreadyApplied(Some(token));
+                    }
+                    Applied::AlreadyApplied(None)
                 } else {
                     tracked.state.apply(stored, &self.config.state);
                     tracked.record_applied(&lineage);
@@ -420,6 +430,7 @@ mod tests {
             explain_candidates: 2,
             top_interests: 3,
             changelog: true,
+            rescore_restored: true,
         };
         let key = Arc::new(Pseudonymizer::new(b"0123456789abcdef").unwrap());
         Store::new(config, key)
@@ -567,7 +578,7 @@ mod tests {
         assert!(second.take_due(now, 10).0.is_empty(), "a restored user is clean");
         assert!(matches!(
             second.apply(event("u", 1_002), lineage(1, 2), 2, now),
-            Applied::AlreadyApplied
+            Applied::AlreadyApplied(None)
         ));
         assert!(matches!(
             second.apply(event("u", 1_003), lineage(1, 3), 3, now),
@@ -592,5 +603,24 @@ mod tests {
         let remaining = store.take_all();
         assert_eq!(remaining.len(), 1, "the dropped user's due entry is skipped");
         assert_eq!(remaining[0].context.pending, [0]);
+    }
+
+    #[test]
+    fn exactly_once_does_not_rescore_records_already_in_a_restored_state() {
+        let mut first = store(0);
+        let now = Instant::now();
+        first.apply(event("u", 1_000), lineage(0, 4), 4, now);
+        let (due, _) = first.take_due(now, 10);
+        let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+
+        let mut second = store(0);
+        second.config.rescore_restored = false;
+        let key = second.pseudonymizer.key("u");
+        second.restore(0, 1, [(key, snapshot)]);
+        match second.apply(event("u", 1_000), lineage(0, 4), 4, now) {
+            Applied::AlreadyApplied(Some(token)) => assert_eq!(token, 4),
+            _ => panic!("expected the token back"),
+        }
+        assert!(second.take_all().is_empty(), "nothing to score: its signal was committed");
     }
 }
