@@ -352,7 +352,7 @@ impl Processor {
                     Polled::Record(message) => self.handle(&message).await,
                     Polled::Error(err) => self.client_error(&err),
                     Polled::Assigned { partitions, restored, committed } => {
-                        self.assigned(&partitions, restored, committed);
+                        self.assigned(source.consumer(), &partitions, restored, committed);
                     }
                     Polled::Revoked { numbers, done, .. } => {
                         self.revoked(source.consumer(), &numbers).await?;
@@ -443,6 +443,7 @@ impl Processor {
     /// Takes over newly assigned partitions with their restored users.
     fn assigned(
         &mut self,
+        consumer: &SourceConsumer,
         partitions: &[Partition],
         restored: Vec<Restored>,
         committed: Vec<Committed>,
@@ -459,6 +460,16 @@ impl Processor {
             metrics::counter!(m::USERS_RESTORED).increment(count as u64);
             self.sink.hold_partition(partition, epoch);
             self.held.insert(partition);
+        }
+        // A partition keeps the paused flag it had when it was last revoked; give the new ones
+        // the current backpressure state.
+        let mut list = rdkafka::TopicPartitionList::new();
+        for partition in partitions {
+            list.add_partition(&partition.topic, partition.partition);
+        }
+        let result = if self.paused { consumer.pause(&list) } else { consumer.resume(&list) };
+        if let Err(err) = result {
+            tracing::warn!(cause = %err, "cannot set the assigned partitions' pause state");
         }
         tracing::debug!(partitions = partitions.len(), "assignment taken over");
     }

@@ -2,6 +2,7 @@
 //! shipped model, and real public data.
 
 mod cli;
+mod delivery;
 mod explanations;
 mod kafka_path;
 mod support;
