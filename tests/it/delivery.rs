@@ -189,6 +189,84 @@ fn exactly_once() {
     assert_same_outcome(&expected, &actual, &second);
 }
 
+#[test]
+fn zombie_is_fenced() {
+    let _alone = one_at_a_time();
+    let bench = Bench::start();
+    let baseline = bench.lane("baseline", "");
+    let transactional_id = support::unique("mindstream-tx");
+    let lane = bench.lane(
+        "fencing",
+        &format!(
+            "[delivery]\nmode = \"exactly_once\"\ntransactional_id = \"{transactional_id}\"\n"
+        ),
+    );
+    let input = bench.fill(&baseline);
+    let expected = bench.baseline(&baseline);
+
+    // The first instance freezes part-way, inside a transaction, as a stalled pod would.
+    let mut zombie = lane.start(Until::Stopped, "zombie");
+    lane.wait_for_commits(&bench, &mut zombie, PROGRESS_LIMIT, "part-way", |c| {
+        part_way(c, &input.ends)
+    });
+    let open = stop_inside_transaction(&bench, &lane, &mut zombie);
+
+    // Its replacement starts with the same transactional id, takes the partitions once the
+    // group has evicted the frozen member, and finishes the input.
+    let mut successor = lane.start(Until::Stopped, "successor");
+    lane.wait_for_commits(&bench, &mut successor, RUN_LIMIT, "to the end", |c| {
+        at_end(c, &input.ends)
+    });
+
+    // Woken, the zombie must find itself fenced and stop without writing anything that
+    // counts.
+    zombie.signal("CONT");
+    let status = zombie.wait_for_exit(PROGRESS_LIMIT);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the fenced instance must stop with a failure, got {status:?}\n{}",
+        zombie.log_tail()
+    );
+    let zombie_log = zombie.log();
+    assert!(
+        zombie_log.contains("Kafka transaction step"),
+        "the fenced instance must name the failed transaction step\n{}",
+        zombie.log_tail()
+    );
+    println!("the fenced instance stopped with: {}", last_error(&zombie_log));
+    let (status, _) = terminate(&mut successor);
+    assert!(status.success(), "exit status {status} after SIGTERM\n{}", successor.log_tail());
+
+    let signals = support::read_all(&bench.broker, &lane.signals_topic);
+    let changelog = support::read_all(&bench.broker, &lane.changelog_topic);
+    // As in `exactly_once`: the test broker still delivers the aborted transaction's records.
+    let aborted = Outcome::of(&kept(&signals, &open.signals), &kept(&changelog, &open.changelog));
+    let signals = without(signals, &open.signals);
+    let changelog = without(changelog, &open.changelog);
+    let duplicates = duplicated_versions(&signals);
+    assert!(
+        duplicates.is_empty(),
+        "{} (user, version) pairs were published more than once:{}\n{}",
+        duplicates.len(),
+        listed(&duplicates),
+        zombie.log_tail()
+    );
+    let mut actual = Outcome::of(&signals, &changelog);
+    account_for_restored_aborted_states(&expected, &mut actual, &aborted);
+    assert_same_outcome(&expected, &actual, &successor);
+}
+
+/// The last line of a log that reports an error, for the test output.
+fn last_error(log: &str) -> String {
+    log.lines()
+        .rev()
+        .find(|line| line.contains("error") || line.contains("ERROR"))
+        .unwrap_or("(no error line)")
+        .chars()
+        .take(300)
+        .collect()
+}
+
 /// Kafka never shows an aborted transaction's records to a `read_committed` reader, so the
 /// restarted instance restores each user from the last committed state and scores the events
 /// after it again. The test broker hands the aborted changelog records to the restore too: a
