@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint unit model clean
+.PHONY: setup build demo test lint unit model bench clean
 
 setup:
 	scripts/setup.sh
@@ -20,6 +20,12 @@ lint:
 
 test: setup lint
 	$(CARGO) test --all-targets
+
+# Benchmarks; their results and commands are written up in docs/PERFORMANCE.md.
+bench: setup
+	$(CARGO) bench --bench state -- 1000000 taobao
+	$(CARGO) bench --bench state -- 1000000 8
+	$(CARGO) bench --bench state -- 1000000 32
 
 # Rebuilds the shipped default model and its report in docs/evaluation from the public data
 # sets (about 15 minutes on 2 cores).

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Action, Event, EventBody};
@@ -58,10 +59,10 @@ pub struct Lineage {
 /// An event as the window keeps it: ids, time, and scrubbed, bounded detail.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowEvent {
-    pub event_id: Box<str>,
+    pub event_id: CompactString,
     pub event_time_ms: i64,
-    pub item_id: Box<str>,
-    pub category_id: Box<str>,
+    pub item_id: CompactString,
+    pub category_id: CompactString,
     pub detail: Detail,
     pub lineage: Lineage,
 }
@@ -156,7 +157,7 @@ impl WindowEvent {
 /// One category's decayed interest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Interest {
-    pub category_id: Box<str>,
+    pub category_id: CompactString,
     /// Weight as of [`UserState::newest_ms`].
     pub weight: f32,
 }
@@ -213,6 +214,12 @@ impl UserState {
         self.first_seen_ms = self.first_seen_ms.min(event.event_time_ms);
 
         let at = self.events.partition_point(|e| e.event_time_ms <= event.event_time_ms);
+        // Grow by half the length, at most a few slots, not by doubling: with a million users
+        // (most with one or two events) the doubling slack would outweigh the events.
+        if self.events.len() == self.events.capacity() {
+            let room = spec.window.max_events.saturating_sub(self.events.len());
+            self.events.reserve_exact(growth(self.events.len()).min(room).max(1));
+        }
         self.events.insert(at, event);
         self.trim(&spec.window);
     }
@@ -263,6 +270,9 @@ impl UserState {
                 _ => return,
             }
         }
+        if self.interests.len() == self.interests.capacity() {
+            self.interests.reserve_exact(growth(self.interests.len()));
+        }
         self.interests.push(Interest { category_id: event.category_id.clone(), weight: add });
     }
 
@@ -295,7 +305,7 @@ impl UserState {
     }
 
     /// The `top_k` heaviest categories with their share of the tracked interest mass.
-    pub fn top_interests(&self, top_k: usize) -> Vec<(Box<str>, f32)> {
+    pub fn top_interests(&self, top_k: usize) -> Vec<(CompactString, f32)> {
         let total: f32 = self.interests.iter().map(|i| i.weight).sum();
         if total <= 0.0 {
             return Vec::new();
@@ -308,7 +318,7 @@ impl UserState {
 
     /// Rough heap and inline size of this state, in bytes (for the state-size gauge).
     pub fn approx_bytes(&self) -> usize {
-        let event_bytes: usize = self
+        let event_heap: usize = self
             .events
             .iter()
             .map(|e| {
@@ -317,19 +327,30 @@ impl UserState {
                     Detail::Review { text, language, .. } => text.len() + language.len(),
                     Detail::Click { .. } => 0,
                 };
-                std::mem::size_of::<WindowEvent>()
-                    + e.event_id.len()
-                    + e.item_id.len()
-                    + e.category_id.len()
-                    + text
+                heap_len(&e.event_id) + heap_len(&e.item_id) + heap_len(&e.category_id) + text
             })
             .sum();
-        let interest_bytes: usize = self
-            .interests
-            .iter()
-            .map(|i| std::mem::size_of::<Interest>() + i.category_id.len())
-            .sum();
-        std::mem::size_of::<UserState>() + event_bytes + interest_bytes
+        let interest_heap: usize = self.interests.iter().map(|i| heap_len(&i.category_id)).sum();
+        std::mem::size_of::<UserState>()
+            + self.events.capacity() * std::mem::size_of::<WindowEvent>()
+            + event_heap
+            + self.interests.capacity() * std::mem::size_of::<Interest>()
+            + interest_heap
+    }
+}
+
+/// Slots a full window or interest list of `len` entries grows by: half its length, at
+/// least one, at most four.
+fn growth(len: usize) -> usize {
+    (len / 2).clamp(1, 4)
+}
+
+/// Heap bytes of an id (short ones are stored inline).
+fn heap_len(id: &CompactString) -> usize {
+    if id.is_heap_allocated() {
+        id.capacity()
+    } else {
+        0
     }
 }
 
