@@ -1,0 +1,254 @@
+//! Inference throughput: sequences per second through the processor's batching workers
+//! against a bare ONNX Runtime session running the same batches.
+//!
+//! Windows come from the real Taobao slice (`.tools/data` or `../shared/data`): users with at
+//! least three events, windows built and rendered with the processor's code and the shipped
+//! model's window shape, each request with leave-one-out candidates as the processor makes
+//! them. The bare side runs the batches the workers form when their queue is never empty
+//! (requests taken in order until `batch_size` sequences, sorted by length, cut into batches of
+//! `batch_size`), with the input tensors built before the clock starts. Both sides use one
+//! session with the default threads. `cargo bench --bench inference -- [USERS]` (default 1,500).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mindstream::config::ModelConfig;
+use mindstream::event::Event;
+use mindstream::model::batcher::{self, BatchConfig, ScoreRequest};
+use mindstream::model::{runtime, LoadedModel};
+use mindstream::render::{self, Segment};
+use mindstream::tokenize::TextTokenizer;
+use mindstream::window::{Lineage, StateSpec, UserState, WindowEvent};
+use ort::value::Tensor;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Newest events tried for explanations (the processor's default).
+const EXPLAIN_CANDIDATES: usize = 8;
+/// Sequences per model call (the processor's default).
+const BATCH_SIZE: usize = 32;
+/// Timed repetitions of each side; the median is reported.
+const REPEATS: usize = 3;
+
+fn main() {
+    let users: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_500);
+    let config = ModelConfig::default();
+    let model = LoadedModel::load(&config, 1).expect("load the shipped model from models/");
+    let card = model.card.clone();
+    let windows = taobao_windows(users, &card.window);
+    let requests: Vec<Request> = windows.iter().map(request).collect();
+
+    let prepared = prepare(&model.tokenizer, &requests, card.max_tokens);
+    let sequences: usize = prepared.iter().map(Vec::len).sum();
+    let batches = batches_as_workers_form(&prepared);
+    let tokens: usize = batches.iter().flatten().map(Vec::len).sum();
+    let padded: usize =
+        batches.iter().map(|b| b.len() * b.iter().map(Vec::len).max().unwrap_or(0)).sum();
+
+    let bare = median((0..REPEATS).map(|_| bare_session(&config, &card, &batches)).collect());
+    drop(model.scorers);
+    let pipeline = median(
+        (0..REPEATS)
+            .map(|_| through_workers(&model.tokenizer, card.max_tokens, &requests))
+            .collect(),
+    );
+
+    let rate = |elapsed: Duration| sequences as f64 / elapsed.as_secs_f64();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| windows (users) | {} |", requests.len());
+    println!("| sequences (windows and leave-one-out variants) | {sequences} |");
+    println!("| batches of up to {BATCH_SIZE} | {} |", batches.len());
+    println!(
+        "| padding | {:.1}% of {padded} token slots |",
+        100.0 * (1.0 - tokens as f64 / padded as f64)
+    );
+    println!("| bare session | {:.0} sequences/s ({:.2} s) |", rate(bare), bare.as_secs_f64());
+    println!(
+        "| through the workers | {:.0} sequences/s ({:.2} s) |",
+        rate(pipeline),
+        pipeline.as_secs_f64()
+    );
+    println!("| ratio, workers / bare | {:.3} |", bare.as_secs_f64() / pipeline.as_secs_f64());
+}
+
+type Request = ScoreRequest<usize>;
+
+/// Windows of the first `users` Taobao users with at least three events.
+fn taobao_windows(users: usize, window: &mindstream::window::WindowSpec) -> Vec<UserState> {
+    let candidates = [
+        PathBuf::from(".tools/data/clickstream/taobao-userbehavior-slice.csv"),
+        PathBuf::from("../shared/data/clickstream/taobao-userbehavior-slice.csv"),
+    ];
+    let Some(path) = candidates.iter().find(|p| p.exists()) else {
+        panic!("the Taobao slice is missing: run scripts/sample-data.sh")
+    };
+    let events = mindstream::import::events(mindstream::import::Source::Taobao, path)
+        .expect("import the Taobao slice");
+    let mut by_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+    for event in events {
+        by_user.entry(event.user_id.clone()).or_default().push(event);
+    }
+    let spec = StateSpec {
+        window: *window,
+        user_ttl_ms: 30 * 86_400_000,
+        interest_half_life_ms: 7 * 86_400_000,
+        interests_tracked: 32,
+    };
+    let lineage = Lineage { topic: "clicks".into(), partition: 0, offset: 0 };
+    by_user
+        .into_values()
+        .filter(|events| events.len() >= 3)
+        .take(users)
+        .map(|events| {
+            let mut stored =
+                events.iter().map(|e| WindowEvent::from_event(e, lineage.clone(), window));
+            let mut state = UserState::new(stored.next().expect("three events"), &spec);
+            stored.for_each(|e| state.apply(e, &spec));
+            state
+        })
+        .collect()
+}
+
+fn request(state: &UserState) -> Request {
+    let segments: Vec<Segment> = render::render(state);
+    let count = state.events().len();
+    let candidates = (count.saturating_sub(EXPLAIN_CANDIDATES)..count).collect();
+    ScoreRequest { segments, candidates, context: 0 }
+}
+
+fn clone_request(request: &Request) -> Request {
+    ScoreRequest {
+        segments: request.segments.clone(),
+        candidates: request.candidates.clone(),
+        context: request.context,
+    }
+}
+
+/// Each request's sequences, tokenized as a worker does: the window, then each candidate left
+/// out.
+fn prepare(
+    tokenizer: &TextTokenizer,
+    requests: &[Request],
+    max_tokens: usize,
+) -> Vec<Vec<Vec<u32>>> {
+    requests
+        .iter()
+        .map(|request| {
+            let encoded = tokenizer.encode_window(&request.segments, max_tokens).expect("tokenize");
+            let kept: Vec<usize> = encoded.events.iter().map(|(event, _)| *event).collect();
+            let mut sequences = vec![encoded.ids.clone()];
+            for &candidate in request.candidates.iter().filter(|c| kept.contains(c)) {
+                sequences.push(encoded.without(candidate));
+            }
+            sequences
+        })
+        .collect()
+}
+
+/// The batches a worker with a full queue forms: requests in order until `BATCH_SIZE`
+/// sequences, sorted by length, cut into batches of at most `BATCH_SIZE`.
+fn batches_as_workers_form(prepared: &[Vec<Vec<u32>>]) -> Vec<Vec<Vec<u32>>> {
+    let mut batches = Vec::new();
+    let mut group: Vec<Vec<u32>> = Vec::new();
+    let flush = |group: &mut Vec<Vec<u32>>, batches: &mut Vec<Vec<Vec<u32>>>| {
+        group.sort_by_key(Vec::len);
+        for chunk in group.chunks(BATCH_SIZE) {
+            batches.push(chunk.to_vec());
+        }
+        group.clear();
+    };
+    for sequences in prepared {
+        group.extend(sequences.iter().cloned());
+        if group.len() >= BATCH_SIZE {
+            flush(&mut group, &mut batches);
+        }
+    }
+    if !group.is_empty() {
+        flush(&mut group, &mut batches);
+    }
+    batches
+}
+
+/// Runs every batch through a plain session, inputs built before timing starts.
+fn bare_session(
+    config: &ModelConfig,
+    card: &mindstream::model::card::ModelCard,
+    batches: &[Vec<Vec<u32>>],
+) -> Duration {
+    let library = runtime::locate_library(config.ort_library.as_deref()).expect("ONNX Runtime");
+    let env = runtime::environment(&library).expect("ONNX Runtime environment");
+    let mut session = runtime::cpu_session(
+        env,
+        &Path::new(&config.dir).join(&card.onnx_file),
+        config.intra_threads,
+    )
+    .expect("session");
+    let wants_positions = session.inputs().iter().any(|i| i.name() == "position_ids");
+    let inputs: Vec<_> = batches
+        .iter()
+        .map(|batch| {
+            let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+            let (seq, ids, mask, positions) = mindstream::model::scorer::pad_batch(&refs);
+            let shape = vec![batch.len() as i64, seq as i64];
+            let tensor =
+                |data: Vec<i64>| Tensor::from_array((shape.clone(), data)).expect("tensor");
+            let mut inputs =
+                ort::inputs!["input_ids" => tensor(ids), "attention_mask" => tensor(mask)];
+            if wants_positions {
+                inputs.push(("position_ids".into(), tensor(positions).into()));
+            }
+            inputs
+        })
+        .collect();
+    let started = Instant::now();
+    for batch in inputs {
+        let outputs = session.run(batch).expect("run");
+        drop(outputs);
+    }
+    started.elapsed()
+}
+
+/// Sends every request through a worker (tokenization, batching, scoring) and waits for
+/// every result. Each round loads a fresh session (the workers consume theirs), before the
+/// clock starts.
+fn through_workers(tokenizer: &TextTokenizer, max_tokens: usize, requests: &[Request]) -> Duration {
+    let model = LoadedModel::load(&ModelConfig::default(), 1).expect("reload the model");
+    let config =
+        BatchConfig { batch_size: BATCH_SIZE, max_wait: Duration::from_millis(5), max_tokens };
+    let owned: Vec<Request> = requests.iter().map(clone_request).collect();
+    let (request_tx, request_rx) = flume::bounded(256);
+    let (result_tx, result_rx) = flume::unbounded();
+    let started = Instant::now();
+    let workers = batcher::spawn_workers(model.scorers, tokenizer, config, request_rx, result_tx);
+    let feeder = std::thread::spawn(move || {
+        for request in owned {
+            if request_tx.send(request).is_err() {
+                break;
+            }
+        }
+    });
+    let mut results = 0;
+    for outcome in result_rx.iter() {
+        outcome.expect("scoring");
+        results += 1;
+    }
+    let elapsed = started.elapsed();
+    feeder.join().expect("feeder");
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    assert_eq!(results, requests.len(), "every request scored");
+    elapsed
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
