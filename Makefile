@@ -27,6 +27,7 @@ bench: setup
 	$(CARGO) bench --bench state -- 1000000 8
 	$(CARGO) bench --bench state -- 1000000 32
 	$(CARGO) bench --bench inference
+	$(CARGO) bench --bench ingest
 
 # Rebuilds the shipped default model and its report in docs/evaluation from the public data
 # sets (about 15 minutes on 2 cores).

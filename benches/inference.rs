@@ -33,11 +33,14 @@ const BATCH_SIZE: usize = 32;
 const REPEATS: usize = 3;
 
 fn main() {
+    // `cargo test` runs bench targets without `--bench`: a small run keeps them working.
+    let quick = !std::env::args().any(|a| a == "--bench");
     let users: usize = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .and_then(|a| a.parse().ok())
-        .unwrap_or(1_500);
+        .unwrap_or(if quick { 20 } else { 1_500 });
+    let repeats = if quick { 1 } else { REPEATS };
     let config = ModelConfig::default();
     let model = LoadedModel::load(&config, 1).expect("load the shipped model from models/");
     let card = model.card.clone();
@@ -51,10 +54,10 @@ fn main() {
     let padded: usize =
         batches.iter().map(|b| b.len() * b.iter().map(Vec::len).max().unwrap_or(0)).sum();
 
-    let bare = median((0..REPEATS).map(|_| bare_session(&config, &card, &batches)).collect());
+    let bare = median((0..repeats).map(|_| bare_session(&config, &card, &batches)).collect());
     drop(model.scorers);
     let pipeline = median(
-        (0..REPEATS)
+        (0..repeats)
             .map(|_| through_workers(&model.tokenizer, card.max_tokens, &requests))
             .collect(),
     );

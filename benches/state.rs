@@ -25,7 +25,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let users: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    // `cargo test` runs bench targets without `--bench`: a small run keeps them working.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let default_users = if quick { 10_000 } else { 1_000_000 };
+    let users: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(default_users);
     let counts = match args.get(1).map(String::as_str) {
         None | Some("taobao") => taobao_counts(),
         Some(n) => vec![n.parse::<u64>().expect("EVENTS is a number or `taobao`")],
