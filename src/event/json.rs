@@ -89,9 +89,17 @@ pub fn decode(bytes: &[u8]) -> Result<Event, Rejection> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(Rejection::new(RejectReason::Malformed, "not a JSON object"));
     }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let incoming: Incoming = serde_path_to_error::deserialize(&mut de).map_err(reject)?;
-    de.end().map_err(|e| Rejection::new(RejectReason::Malformed, e.to_string()))?;
+    // The plain decoder first; only a record that fails is decoded again with path tracking,
+    // which costs a third of the decoding time, to name the field at fault.
+    let incoming: Incoming = match serde_json::from_slice(bytes) {
+        Ok(incoming) => incoming,
+        Err(_) => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let incoming: Incoming = serde_path_to_error::deserialize(&mut de).map_err(reject)?;
+            de.end().map_err(|e| Rejection::new(RejectReason::Malformed, e.to_string()))?;
+            incoming
+        }
+    };
     let event = incoming.into_event()?;
     event.validate()?;
     Ok(event)
