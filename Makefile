@@ -28,6 +28,7 @@ bench: setup
 	$(CARGO) bench --bench state -- 1000000 32
 	$(CARGO) bench --bench inference
 	$(CARGO) bench --bench ingest
+	$(CARGO) bench --bench e2e
 
 # Rebuilds the shipped default model and its report in docs/evaluation from the public data
 # sets (about 15 minutes on 2 cores).

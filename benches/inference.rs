@@ -9,8 +9,10 @@
 //! `batch_size`), with the input tensors built before the clock starts. Both sides use one
 //! session with the default threads. `cargo bench --bench inference -- [USERS]` (default 1,500).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mindstream::config::ModelConfig;
@@ -21,6 +23,8 @@ use mindstream::render::{self, Segment};
 use mindstream::tokenize::TextTokenizer;
 use mindstream::window::{Lineage, StateSpec, UserState, WindowEvent};
 use ort::value::Tensor;
+
+use common::median;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,8 +37,7 @@ const BATCH_SIZE: usize = 32;
 const REPEATS: usize = 3;
 
 fn main() {
-    // `cargo test` runs bench targets without `--bench`: a small run keeps them working.
-    let quick = !std::env::args().any(|a| a == "--bench");
+    let quick = common::quick();
     let users: usize = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
@@ -85,15 +88,7 @@ type Request = ScoreRequest<usize>;
 
 /// Windows of the first `users` Taobao users with at least three events.
 fn taobao_windows(users: usize, window: &mindstream::window::WindowSpec) -> Vec<UserState> {
-    let candidates = [
-        PathBuf::from(".tools/data/clickstream/taobao-userbehavior-slice.csv"),
-        PathBuf::from("../shared/data/clickstream/taobao-userbehavior-slice.csv"),
-    ];
-    let Some(path) = candidates.iter().find(|p| p.exists()) else {
-        panic!("the Taobao slice is missing: run scripts/sample-data.sh")
-    };
-    let events = mindstream::import::events(mindstream::import::Source::Taobao, path)
-        .expect("import the Taobao slice");
+    let events = common::taobao_events();
     let mut by_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
     for event in events {
         by_user.entry(event.user_id.clone()).or_default().push(event);
@@ -249,9 +244,4 @@ fn through_workers(tokenizer: &TextTokenizer, max_tokens: usize, requests: &[Req
     }
     assert_eq!(results, requests.len(), "every request scored");
     elapsed
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
 }

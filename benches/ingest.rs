@@ -11,9 +11,8 @@
 //! later, so both sides read 551,500 records. Where the time goes is shown by timing the stages
 //! of the windowed side on the same payloads in memory. `cargo bench --bench ingest`.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,8 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
+use common::{median, Broker};
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -38,11 +39,11 @@ const COPIES: i64 = 5;
 const COPY_SHIFT_MS: i64 = 10 * 86_400_000;
 
 fn main() {
-    // `cargo test` runs bench targets without `--bench`: one copy, one round keeps it working.
-    let quick = !std::env::args().any(|a| a == "--bench");
-    let (copies, repeats) = if quick { (1, 1) } else { (COPIES, REPEATS) };
-    let events = taobao_events(copies);
+    // Under `cargo test`, one copy and one round keep it working.
+    let (copies, repeats) = if common::quick() { (1, 1) } else { (COPIES, REPEATS) };
+    let events = taobao_payloads(copies);
     let broker = Broker::start();
+    broker.create_topic(TOPIC, 4);
     produce(&broker.address, &events);
     let total = events.len();
 
@@ -108,16 +109,8 @@ fn stages(payloads: &[Vec<u8>]) {
     println!("| `Store::apply` (pseudonymisation, window, interests) | {apply:.0} |");
 }
 
-fn taobao_events(copies: i64) -> Vec<Vec<u8>> {
-    let candidates = [
-        PathBuf::from(".tools/data/clickstream/taobao-userbehavior-slice.csv"),
-        PathBuf::from("../shared/data/clickstream/taobao-userbehavior-slice.csv"),
-    ];
-    let Some(path) = candidates.iter().find(|p| p.exists()) else {
-        panic!("the Taobao slice is missing: run scripts/sample-data.sh")
-    };
-    let events = mindstream::import::events(mindstream::import::Source::Taobao, path)
-        .expect("import the Taobao slice");
+fn taobao_payloads(copies: i64) -> Vec<Vec<u8>> {
+    let events = common::taobao_events();
     let mut payloads = Vec::with_capacity(events.len() * copies as usize);
     for copy in 0..copies {
         for event in &events {
@@ -238,72 +231,4 @@ fn new_store() -> Store<()> {
         rescore_restored: true,
     };
     Store::new(config, Arc::new(Pseudonymizer::new(b"bench-secret-0123456789").expect("key")))
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
-/// A Tansu broker on a free loopback port, stopped when dropped.
-struct Broker {
-    child: Child,
-    address: String,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let tansu = PathBuf::from(".tools/bin/tansu");
-        assert!(tansu.exists(), "{} is missing: run scripts/setup.sh", tansu.display());
-        let port =
-            TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let address = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&address).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {address}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        create_topic(&address);
-        Broker { child, address }
-    }
-}
-
-impl Broker {
-    /// User and system CPU time the broker process has used, from `/proc`.
-    fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name, which ends with the last `)`: utime and stime are
-        // the 12th and 13th, in clock ticks of 1/100 s.
-        let fields: Vec<&str> =
-            stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / 100.0
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn create_topic(address: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", address).create().expect("admin");
-    let topic = NewTopic::new(TOPIC, 4, TopicReplication::Fixed(1));
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime
-        .block_on(admin.create_topics(&[topic], &AdminOptions::new()))
-        .expect("create the topic");
 }

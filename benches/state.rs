@@ -9,8 +9,9 @@
 //! number of events per user, or `taobao` (the default) to draw each user's count from the
 //! per-user event counts of the real Taobao slice (`.tools/data` or `../shared/data`).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,9 +26,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    // `cargo test` runs bench targets without `--bench`: a small run keeps them working.
-    let quick = !std::env::args().any(|a| a == "--bench");
-    let default_users = if quick { 10_000 } else { 1_000_000 };
+    let default_users = if common::quick() { 10_000 } else { 1_000_000 };
     let users: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(default_users);
     let counts = match args.get(1).map(String::as_str) {
         None | Some("taobao") => taobao_counts(),
@@ -54,7 +53,7 @@ fn main() {
     let topic: Arc<str> = "clicks".into();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
 
-    let rss_before = rss_bytes();
+    let rss_before = common::rss_bytes();
     let started = Instant::now();
     let mut events = 0u64;
     let now = Instant::now();
@@ -74,7 +73,7 @@ fn main() {
     }
     drop(store.take_all());
     let elapsed = started.elapsed();
-    let rss_after = rss_bytes();
+    let rss_after = common::rss_bytes();
 
     let held = store.users() as u64;
     let state_bytes = store.state_bytes() as u64;
@@ -92,15 +91,7 @@ fn main() {
 
 /// Events per user in the real Taobao slice, one entry per user.
 fn taobao_counts() -> Vec<u64> {
-    let candidates = [
-        PathBuf::from(".tools/data/clickstream/taobao-userbehavior-slice.csv"),
-        PathBuf::from("../shared/data/clickstream/taobao-userbehavior-slice.csv"),
-    ];
-    let Some(path) = candidates.iter().find(|p| p.exists()) else {
-        panic!("the Taobao slice is missing: run scripts/sample-data.sh, or pass EVENTS")
-    };
-    let events = mindstream::import::events(mindstream::import::Source::Taobao, path)
-        .expect("import the Taobao slice");
+    let events = common::taobao_events();
     let mut per_user: HashMap<String, u64> = HashMap::new();
     for event in events {
         *per_user.entry(event.user_id).or_default() += 1;
@@ -132,15 +123,6 @@ fn click(user: u64, index: u64, sequence: u64) -> Event {
             quantity: None,
         }),
     }
-}
-
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
 }
 
 fn mib(bytes: u64) -> f64 {
