@@ -28,7 +28,8 @@ bench: setup
 	$(CARGO) bench --bench state -- 1000000 32
 	$(CARGO) bench --bench inference
 	$(CARGO) bench --bench ingest
-	$(CARGO) bench --bench e2e
+	$(CARGO) bench --bench e2e -- 1
+	$(CARGO) bench --bench e2e -- 2
 
 # Rebuilds the shipped default model and its report in docs/evaluation from the public data
 # sets (about 15 minutes on 2 cores).

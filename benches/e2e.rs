@@ -9,7 +9,8 @@
 //! started and ready first, then the slice is replayed into its input at half the measured rate;
 //! for every input event, the latency is the broker timestamp of the first signal record of its
 //! user that covers it (lineage at or after the event's offset) minus the event's own broker
-//! timestamp. The processor runs with `scoring.coalesce = 100ms`. `cargo bench --bench e2e`.
+//! timestamp. The processor runs with `scoring.coalesce = 100ms` and WORKERS model workers
+//! (default 1). `cargo bench --bench e2e -- [WORKERS]`.
 
 mod common;
 
@@ -31,6 +32,11 @@ const KEY: &str = "bench-secret-0123456789abcdef";
 const COALESCE: &str = "100ms";
 
 fn main() {
+    let workers: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1);
     let mut events = common::taobao_events();
     if common::quick() {
         events.truncate(3_000);
@@ -41,7 +47,7 @@ fn main() {
     let broker = Broker::start();
 
     // Saturation.
-    let lane = Lane::new(&broker, dir.path(), "saturation");
+    let lane = Lane::new(&broker, dir.path(), "saturation", workers);
     lane.replay(&file, 0.0);
     let mut processor = lane.start(true);
     let run = watch(&lane, &mut processor, events.len());
@@ -49,7 +55,7 @@ fn main() {
     let rate = events.len() as f64 / seconds;
 
     // Latency at half that rate.
-    let lane_b = Lane::new(&broker, dir.path(), "latency");
+    let lane_b = Lane::new(&broker, dir.path(), "latency", workers);
     let mut processor_b = lane_b.start(false);
     lane_b.wait_ready(&mut processor_b);
     let started = Instant::now();
@@ -62,6 +68,7 @@ fn main() {
     println!("| measure | value |");
     println!("|---|---|");
     println!("| events | {} (Taobao slice, JSON, 4 partitions) |", events.len());
+    println!("| model workers | {workers} |");
     println!("| users | {} |", run.users);
     println!(
         "| saturation rate | {rate:.0} events/s ({seconds:.1} s, first record to last signal) |"
@@ -108,7 +115,7 @@ struct Lane {
 }
 
 impl Lane {
-    fn new(broker: &Broker, dir: &Path, name: &str) -> Lane {
+    fn new(broker: &Broker, dir: &Path, name: &str, workers: usize) -> Lane {
         let port = common::free_port();
         let (input, signals) = (format!("{name}-clicks"), format!("{name}-signals"));
         let text = format!(
@@ -118,7 +125,7 @@ impl Lane {
              [[inputs]]\ntopic = \"{input}\"\nformat = \"json\"\n\
              [output]\nsignals_topic = \"{signals}\"\nformat = \"json\"\ndlq_topic = \"{name}-dlq\"\n\
              [state]\nchangelog_topic = \"{name}-state\"\n\
-             [scoring]\ncoalesce = \"{COALESCE}\"\n\
+             [scoring]\ncoalesce = \"{COALESCE}\"\nworkers = {workers}\n\
              [http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\nfilter = \"warn\"\n",
             broker.address
         );
