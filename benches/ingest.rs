@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use mindstream::event::Format;
 use mindstream::offsets::Partition;
 use mindstream::privacy::Pseudonymizer;
-use mindstream::window::store::{Store, StoreConfig};
-use mindstream::window::{Lineage, StateSpec};
+use mindstream::window::Lineage;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -92,7 +91,7 @@ fn stages(payloads: &[Vec<u8>]) {
     let keys: usize = decoded.iter().map(|e| key.key(&e.user_id).len()).sum();
     let pseudonymise = per_event(started.elapsed());
     assert!(keys > 0);
-    let mut store = new_store();
+    let mut store = common::processor_store();
     let lineage = Lineage { topic: TOPIC.into(), partition: 0, offset: 0 };
     let now = Instant::now();
     let started = Instant::now();
@@ -190,7 +189,7 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
             }
         }
     });
-    let mut store = new_store();
+    let mut store = common::processor_store();
     let topic: Arc<str> = TOPIC.into();
     let now = Instant::now();
     for message in records.iter() {
@@ -212,23 +211,3 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
 
 /// Records between the polling thread and the windowing one (the processor's own bound).
 const HANDOVER_CAPACITY: usize = 1024;
-
-fn new_store() -> Store<()> {
-    let card = mindstream::model::card::ModelCard::load(std::path::Path::new("models/model.json"))
-        .expect("models/model.json (run from the repository root)");
-    let config = StoreConfig {
-        state: StateSpec {
-            window: card.window,
-            user_ttl_ms: card.user_ttl_ms,
-            interest_half_life_ms: 7 * 86_400_000,
-            interests_tracked: 32,
-        },
-        allowed_lateness_ms: 3_600_000,
-        coalesce: Duration::from_millis(500),
-        explain_candidates: 8,
-        top_interests: 5,
-        changelog: true,
-        rescore_restored: true,
-    };
-    Store::new(config, Arc::new(Pseudonymizer::new(b"bench-secret-0123456789").expect("key")))
-}

@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mindstream::event::{Action, Click, Event, EventBody};
-use mindstream::privacy::Pseudonymizer;
-use mindstream::window::store::{Store, StoreConfig};
-use mindstream::window::{Lineage, StateSpec};
+use mindstream::window::Lineage;
 use rand::{Rng, SeedableRng};
 
 #[global_allocator]
@@ -32,24 +30,7 @@ fn main() {
         None | Some("taobao") => taobao_counts(),
         Some(n) => vec![n.parse::<u64>().expect("EVENTS is a number or `taobao`")],
     };
-    let card = mindstream::model::card::ModelCard::load(std::path::Path::new("models/model.json"))
-        .expect("models/model.json (run from the repository root)");
-    let config = StoreConfig {
-        state: StateSpec {
-            window: card.window,
-            user_ttl_ms: card.user_ttl_ms,
-            interest_half_life_ms: 7 * 86_400_000,
-            interests_tracked: 32,
-        },
-        allowed_lateness_ms: 3_600_000,
-        coalesce: std::time::Duration::from_millis(500),
-        explain_candidates: 8,
-        top_interests: 5,
-        changelog: true,
-        rescore_restored: true,
-    };
-    let key = Arc::new(Pseudonymizer::new(b"bench-secret-0123456789").expect("key"));
-    let mut store: Store<()> = Store::new(config, key);
+    let mut store = common::processor_store();
     let topic: Arc<str> = "clicks".into();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
 

@@ -86,7 +86,10 @@ pub enum RestoreError {
         #[source]
         source: state::StateError,
     },
-    #[error("restoring {topic} partitions {partitions:?} took longer than state.restore_timeout ({timeout:?})")]
+    #[error(
+        "restoring {topic} partitions {partitions:?} took longer than state.restore_timeout \
+         ({timeout:?})"
+    )]
     Timeout { topic: String, partitions: Vec<i32>, timeout: Duration },
 }
 
@@ -148,14 +151,7 @@ impl SourceContext {
         if assigned.is_empty() {
             return;
         }
-        let held = self.held_numbers();
-        let numbers: Vec<i32> = assigned
-            .iter()
-            .map(|p| p.partition)
-            .filter(|n| !held.contains(n))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let numbers = numbers_outside(&assigned, &self.held_numbers());
         self.restoring.store(true, Ordering::SeqCst);
         let started = Instant::now();
         let restored = match self.restorer.restore(&numbers) {
@@ -197,13 +193,7 @@ impl SourceContext {
             }
             assignment.iter().map(|p| p.partition).collect()
         };
-        let numbers: Vec<i32> = revoked
-            .iter()
-            .map(|p| p.partition)
-            .filter(|n| !remaining.contains(n))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let numbers = numbers_outside(&revoked, &remaining);
         let (done, finished) = std_mpsc::sync_channel(1);
         let handed = self.send(Polled::Revoked { partitions: revoked.clone(), numbers, done });
         if handed && finished.recv_timeout(self.revoke_timeout).is_err() {
@@ -287,6 +277,13 @@ fn committed_positions(
 
 /// Bound on reading the committed offsets of newly assigned partitions.
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The partition numbers of `partitions` that are not in `held`, each once, in order.
+fn numbers_outside(partitions: &[Partition], held: &BTreeSet<i32>) -> Vec<i32> {
+    let numbers: BTreeSet<i32> =
+        partitions.iter().map(|p| p.partition).filter(|n| !held.contains(n)).collect();
+    numbers.into_iter().collect()
+}
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<Partition> {
     list.elements()

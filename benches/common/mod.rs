@@ -109,6 +109,18 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// A store as the processor makes it: the default configuration with the shipped model's
+/// window shape and TTL (`models/`, so benches run from the repository root).
+pub fn processor_store() -> mindstream::window::store::Store<()> {
+    use mindstream::window::store::{Store, StoreConfig};
+    let card = mindstream::model::card::ModelCard::load(std::path::Path::new("models/model.json"))
+        .expect("models/model.json (run from the repository root)");
+    let config = mindstream::config::Config::load(None, std::iter::empty())
+        .expect("the default configuration");
+    let key = mindstream::privacy::Pseudonymizer::new(b"bench-secret-0123456789").expect("key");
+    Store::new(StoreConfig::resolve(&config, &card), std::sync::Arc::new(key))
+}
+
 /// `cargo test` runs bench targets without `--bench`; benches then do a small run that keeps
 /// them working.
 pub fn quick() -> bool {

@@ -2,10 +2,10 @@
 //! transactions, a graceful shutdown under load, and a broker outage.
 //!
 //! Each test has its own broker and one JSON input topic of four partitions holding real
-//! Taobao clicks (CDNOW purchases where the Taobao slice is absent). A *lane* is one deployment over that input, with its own consumer group and
-//! its own signal, DLQ and changelog topics. A baseline lane runs uninterrupted; the lane
-//! under test is disturbed; then every user's latest signal and latest window state must be
-//! the same in both.
+//! Taobao clicks (CDNOW purchases where the Taobao slice is absent). A *lane* is one deployment
+//! over that input, with its own consumer group and its own signal, DLQ and changelog topics.
+//! A baseline lane runs uninterrupted; the lane under test is disturbed; then every user's
+//! latest signal and latest window state must be the same in both.
 //!
 //! Equal latest `version`s also show that no input event was lost or applied twice: the
 //! version counts the events applied to the user's window.
@@ -136,13 +136,7 @@ fn exactly_once() {
     let _alone = one_at_a_time();
     let bench = Bench::start();
     let baseline = bench.lane("baseline", "");
-    let transactional_id = support::unique("mindstream-tx");
-    let lane = bench.lane(
-        "exactly-once",
-        &format!(
-            "[delivery]\nmode = \"exactly_once\"\ntransactional_id = \"{transactional_id}\"\n"
-        ),
-    );
+    let lane = exactly_once_lane(&bench, "exactly-once");
     let input = bench.fill(&baseline);
     let expected = bench.baseline(&baseline);
 
@@ -167,28 +161,41 @@ fn exactly_once() {
     let changelog = support::read_all(&bench.broker, &lane.changelog_topic);
     assert_still_in_log(&open.signals, &signals, "signal");
     assert_still_in_log(&open.changelog, &changelog, "changelog");
-    // Kafka aborts the killed instance's open transaction, and read_committed readers never
-    // see its records. The test broker hands aborted records even to read_committed readers,
-    // so the test drops exactly the records that were open when the instance was killed.
+    assert_exactly_once(&expected, signals, changelog, &open, &second);
+}
+
+/// The checks of an exactly-once run whose transaction `open` was aborted: one record per
+/// (user, version) and the uninterrupted run's outcome.
+///
+/// Kafka aborts the open transaction, and read_committed readers never see its records. The
+/// test broker hands aborted records even to read_committed readers, so the records that were
+/// open are dropped, exactly those, and stand in only as described at
+/// [`account_for_restored_aborted_states`].
+fn assert_exactly_once(
+    expected: &Outcome,
+    signals: Vec<Read>,
+    changelog: Vec<Read>,
+    open: &OpenTransaction,
+    run: &Processor,
+) {
     let aborted = Outcome::of(&kept(&signals, &open.signals), &kept(&changelog, &open.changelog));
     let signals = without(signals, &open.signals);
     let changelog = without(changelog, &open.changelog);
-
     let duplicates = duplicated_versions(&signals);
     assert!(
         duplicates.is_empty(),
         "{} (user, version) pairs were published more than once:{}\n{}",
         duplicates.len(),
         listed(&duplicates),
-        second.log_tail()
+        run.log_tail()
     );
     let mut actual = Outcome::of(&signals, &changelog);
-    let restored_aborted = account_for_restored_aborted_states(&expected, &mut actual, &aborted);
+    let restored_aborted = account_for_restored_aborted_states(expected, &mut actual, &aborted);
     println!(
         "{restored_aborted} users' newest state was in the aborted transaction and was restored \
          from it by the test broker"
     );
-    assert_same_outcome(&expected, &actual, &second);
+    assert_same_outcome(expected, &actual, run);
 }
 
 #[test]
@@ -196,13 +203,7 @@ fn zombie_is_fenced() {
     let _alone = one_at_a_time();
     let bench = Bench::start();
     let baseline = bench.lane("baseline", "");
-    let transactional_id = support::unique("mindstream-tx");
-    let lane = bench.lane(
-        "fencing",
-        &format!(
-            "[delivery]\nmode = \"exactly_once\"\ntransactional_id = \"{transactional_id}\"\n"
-        ),
-    );
+    let lane = exactly_once_lane(&bench, "fencing");
     let input = bench.fill(&baseline);
     let expected = bench.baseline(&baseline);
 
@@ -241,21 +242,19 @@ fn zombie_is_fenced() {
 
     let signals = support::read_all(&bench.broker, &lane.signals_topic);
     let changelog = support::read_all(&bench.broker, &lane.changelog_topic);
-    // As in `exactly_once`: the test broker still delivers the aborted transaction's records.
-    let aborted = Outcome::of(&kept(&signals, &open.signals), &kept(&changelog, &open.changelog));
-    let signals = without(signals, &open.signals);
-    let changelog = without(changelog, &open.changelog);
-    let duplicates = duplicated_versions(&signals);
-    assert!(
-        duplicates.is_empty(),
-        "{} (user, version) pairs were published more than once:{}\n{}",
-        duplicates.len(),
-        listed(&duplicates),
-        zombie.log_tail()
-    );
-    let mut actual = Outcome::of(&signals, &changelog);
-    account_for_restored_aborted_states(&expected, &mut actual, &aborted);
-    assert_same_outcome(&expected, &actual, &successor);
+    assert_exactly_once(&expected, signals, changelog, &open, &successor);
+}
+
+/// A lane in exactly-once mode with a transactional id of its own, which every instance of
+/// the lane shares (a restart or replacement fences the one before).
+fn exactly_once_lane(bench: &Bench, name: &str) -> Lane {
+    let transactional_id = support::unique("mindstream-tx");
+    bench.lane(
+        name,
+        &format!(
+            "[delivery]\nmode = \"exactly_once\"\ntransactional_id = \"{transactional_id}\"\n"
+        ),
+    )
 }
 
 /// The last line of a log that reports an error, for the test output.
