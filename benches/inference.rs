@@ -5,9 +5,19 @@
 //! least three events, windows built and rendered with the processor's code and the shipped
 //! model's window shape, each request with leave-one-out candidates as the processor makes
 //! them. The bare side runs the batches the workers form when their queue is never empty
-//! (requests taken in order until `batch_size` sequences, sorted by length, cut into batches of
-//! `batch_size`), with the input tensors built before the clock starts. Both sides use one
+//! (requests taken in order into a pool of four batches' worth of sequences, sorted by length,
+//! cut by the workers' own plan), with the input tensors built before the clock starts. Both sides use one
 //! session with the default threads. `cargo bench --bench inference -- [USERS]` (default 1,500).
+//!
+//! The model is the processor's `[model]` configuration taken from the environment alone
+//! (`MINDSTREAM__MODEL__DIR`, `MINDSTREAM__MODEL__EXECUTION_PROVIDER`,
+//! `MINDSTREAM__MODEL__IO_BINDING`, ...); with none set, the shipped model on the CPU. The bare
+//! side runs a plain session on the same provider and graph, so the ratio shows what the
+//! workers (and IO binding, when on) add or cost. Before the clock starts each session scores
+//! a few batches, the longest included, so one-time set-up on a GPU is not timed. Any other
+//! configuration is also checked against the shipped model on the CPU: the largest difference
+//! of the served scores over the first batches is printed. `scripts/gpu-bench.sh` runs the
+//! GPU rows.
 
 mod common;
 
@@ -15,10 +25,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mindstream::config::ModelConfig;
+use mindstream::config::{Config, ExecutionProvider, ModelConfig};
 use mindstream::event::Event;
 use mindstream::model::batcher::{self, BatchConfig, ScoreRequest};
-use mindstream::model::{runtime, LoadedModel};
+use mindstream::model::{scorer, LoadedModel};
 use mindstream::render::{self, Segment};
 use mindstream::tokenize::TextTokenizer;
 use mindstream::window::{Lineage, StateSpec, UserState, WindowEvent};
@@ -35,6 +45,10 @@ const EXPLAIN_CANDIDATES: usize = 8;
 const BATCH_SIZE: usize = 32;
 /// Timed repetitions of each side; the median is reported.
 const REPEATS: usize = 3;
+/// Batches each session scores before its clock starts (the longest one is added).
+const WARMUP_BATCHES: usize = 4;
+/// Batches scored by both the configured and the reference model to compare their scores.
+const COMPARED_BATCHES: usize = 64;
 
 fn main() {
     let quick = common::quick();
@@ -44,8 +58,8 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(if quick { 20 } else { 1_500 });
     let repeats = if quick { 1 } else { REPEATS };
-    let config = ModelConfig::default();
-    let model = LoadedModel::load(&config, 1).expect("load the shipped model from models/");
+    let config = model_config();
+    let mut model = LoadedModel::load(&config, 1).expect("load the configured model");
     let card = model.card.clone();
     let windows = taobao_windows(users, &card.window);
     let requests: Vec<Request> = windows.iter().map(request).collect();
@@ -57,23 +71,50 @@ fn main() {
     let padded: usize =
         batches.iter().map(|b| b.len() * b.iter().map(Vec::len).max().unwrap_or(0)).sum();
 
+    let difference = (!is_default(&config)).then(|| {
+        let compared = &batches[..batches.len().min(COMPARED_BATCHES)];
+        (compared.len(), largest_difference(&config, &mut model, compared))
+    });
     let bare = median((0..repeats).map(|_| bare_session(&config, &card, &batches)).collect());
     drop(model.scorers);
+    let warmup = warmup_batches(&batches);
     let pipeline = median(
         (0..repeats)
-            .map(|_| through_workers(&model.tokenizer, card.max_tokens, &requests))
+            .map(|_| {
+                through_workers(&config, &model.tokenizer, card.max_tokens, &requests, &warmup)
+            })
             .collect(),
     );
 
     let rate = |elapsed: Duration| sequences as f64 / elapsed.as_secs_f64();
     println!("| measure | value |");
     println!("|---|---|");
+    println!(
+        "| model | {} ({}, {}), {} provider, io_binding {} |",
+        config.dir.display(),
+        card.model_version,
+        card.precision.as_str(),
+        model.provider,
+        config.io_binding
+    );
+    if let Some((compared, difference)) = difference {
+        println!(
+            "| largest score difference from the shipped model on the cpu ({compared} batches) \
+             | {difference:.2e} |"
+        );
+    }
     println!("| windows (users) | {} |", requests.len());
     println!("| sequences (windows and leave-one-out variants) | {sequences} |");
     println!("| batches of up to {BATCH_SIZE} | {} |", batches.len());
     println!(
         "| padding | {:.1}% of {padded} token slots |",
         100.0 * (1.0 - tokens as f64 / padded as f64)
+    );
+    let (now, reused) = prefix_reuse(&model.tokenizer, &requests, card.max_tokens);
+    println!(
+        "| token positions computed, every sequence in full / leave-one-out reusing the \
+         window's prefix | {now} / {reused} ({:.2}x fewer) |",
+        now as f64 / reused as f64
     );
     println!("| bare session | {:.0} sequences/s ({:.2} s) |", rate(bare), bare.as_secs_f64());
     println!(
@@ -85,6 +126,51 @@ fn main() {
 }
 
 type Request = ScoreRequest<usize>;
+
+/// The `[model]` section from `MINDSTREAM__MODEL__*` alone; the defaults where none is set.
+fn model_config() -> ModelConfig {
+    let env = std::env::vars().filter(|(key, _)| key.starts_with("MINDSTREAM__MODEL__"));
+    Config::load(None, env).expect("MINDSTREAM__MODEL__* settings").model
+}
+
+/// Whether `config` is the bench's default: the shipped model, plainly, on the CPU.
+fn is_default(config: &ModelConfig) -> bool {
+    let shipped = ModelConfig::default();
+    config.dir == shipped.dir
+        && config.execution_provider == ExecutionProvider::Cpu
+        && !config.io_binding
+}
+
+/// Largest difference between the served scores of `model` and of the shipped model on the
+/// CPU, over `batches`.
+fn largest_difference(
+    config: &ModelConfig,
+    model: &mut LoadedModel,
+    batches: &[Vec<Vec<u32>>],
+) -> f32 {
+    let reference =
+        ModelConfig { ort_library: config.ort_library.clone(), ..ModelConfig::default() };
+    let mut reference = LoadedModel::load(&reference, 1).expect("load the shipped model");
+    let mut largest = 0.0f32;
+    for batch in batches {
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        let ours = model.scorers[0].score(&refs).expect("score");
+        let theirs = reference.scorers[0].score(&refs).expect("score with the shipped model");
+        assert_eq!(ours.len(), theirs.len(), "the models have different signals");
+        let batch_largest =
+            ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        largest = largest.max(batch_largest);
+    }
+    largest
+}
+
+/// The first [`WARMUP_BATCHES`] batches and the one with the most token slots.
+fn warmup_batches(batches: &[Vec<Vec<u32>>]) -> Vec<Vec<Vec<u32>>> {
+    let slots = |b: &&Vec<Vec<u32>>| b.len() * b.iter().map(Vec::len).max().unwrap_or(0);
+    let mut warmup: Vec<Vec<Vec<u32>>> = batches.iter().take(WARMUP_BATCHES).cloned().collect();
+    warmup.extend(batches.iter().max_by_key(slots).cloned());
+    warmup
+}
 
 /// Windows of the first `users` Taobao users with at least three events.
 fn taobao_windows(users: usize, window: &mindstream::window::WindowSpec) -> Vec<UserState> {
@@ -150,21 +236,46 @@ fn prepare(
         .collect()
 }
 
-/// The batches a worker with a full queue forms: requests in order until `BATCH_SIZE`
-/// sequences, sorted by length, cut into batches of at most `BATCH_SIZE`.
+/// Token positions the model computes for the requests now (every sequence in full), and what
+/// it would compute if each leave-one-out variant reused the whole window's cached keys and
+/// values for the tokens before the event it leaves out: only the tokens after that event.
+fn prefix_reuse(
+    tokenizer: &TextTokenizer,
+    requests: &[Request],
+    max_tokens: usize,
+) -> (usize, usize) {
+    let (mut now, mut reused) = (0, 0);
+    for request in requests {
+        let encoded = tokenizer.encode_window(&request.segments, max_tokens).expect("tokenize");
+        let full = encoded.ids.len();
+        now += full;
+        reused += full;
+        for (event, range) in &encoded.events {
+            if request.candidates.contains(event) {
+                now += full - range.len();
+                reused += full - range.end;
+            }
+        }
+    }
+    (now, reused)
+}
+
+/// The batches a worker with a full queue forms: requests in order until a pool of
+/// `POOL_BATCHES` batches' worth of sequences, sorted by length, cut by the worker's own plan.
 fn batches_as_workers_form(prepared: &[Vec<Vec<u32>>]) -> Vec<Vec<Vec<u32>>> {
     let mut batches = Vec::new();
     let mut group: Vec<Vec<u32>> = Vec::new();
     let flush = |group: &mut Vec<Vec<u32>>, batches: &mut Vec<Vec<Vec<u32>>>| {
         group.sort_by_key(Vec::len);
-        for chunk in group.chunks(BATCH_SIZE) {
-            batches.push(chunk.to_vec());
+        let lengths: Vec<usize> = group.iter().map(Vec::len).collect();
+        for range in batcher::plan(&lengths, BATCH_SIZE, batcher::MAX_PADDING) {
+            batches.push(group[range].to_vec());
         }
         group.clear();
     };
     for sequences in prepared {
         group.extend(sequences.iter().cloned());
-        if group.len() >= BATCH_SIZE {
+        if group.len() >= BATCH_SIZE * batcher::POOL_BATCHES {
             flush(&mut group, &mut batches);
         }
     }
@@ -180,31 +291,24 @@ fn bare_session(
     card: &mindstream::model::card::ModelCard,
     batches: &[Vec<Vec<u32>>],
 ) -> Duration {
-    let library = runtime::locate_library(config.ort_library.as_deref()).expect("ONNX Runtime");
-    let env = runtime::environment(&library).expect("ONNX Runtime environment");
-    let mut session = runtime::cpu_session(
-        env,
-        &Path::new(&config.dir).join(&card.onnx_file),
-        config.intra_threads,
-    )
-    .expect("session");
+    let path = Path::new(&config.dir).join(&card.onnx_file);
+    let (mut session, _) = scorer::open_session(&path, config).expect("session");
     let wants_positions = session.inputs().iter().any(|i| i.name() == "position_ids");
-    let inputs: Vec<_> = batches
-        .iter()
-        .map(|batch| {
-            let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
-            let (seq, ids, mask, positions) = mindstream::model::scorer::pad_batch(&refs);
-            let shape = vec![batch.len() as i64, seq as i64];
-            let tensor =
-                |data: Vec<i64>| Tensor::from_array((shape.clone(), data)).expect("tensor");
-            let mut inputs =
-                ort::inputs!["input_ids" => tensor(ids), "attention_mask" => tensor(mask)];
-            if wants_positions {
-                inputs.push(("position_ids".into(), tensor(positions).into()));
-            }
-            inputs
-        })
-        .collect();
+    let inputs_of = |batch: &Vec<Vec<u32>>| {
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        let (seq, ids, mask, positions) = scorer::pad_batch(&refs);
+        let shape = vec![batch.len() as i64, seq as i64];
+        let tensor = |data: Vec<i64>| Tensor::from_array((shape.clone(), data)).expect("tensor");
+        let mut inputs = ort::inputs!["input_ids" => tensor(ids), "attention_mask" => tensor(mask)];
+        if wants_positions {
+            inputs.push(("position_ids".into(), tensor(positions).into()));
+        }
+        inputs
+    };
+    for batch in &warmup_batches(batches) {
+        session.run(inputs_of(batch)).expect("warm-up run");
+    }
+    let inputs: Vec<_> = batches.iter().map(inputs_of).collect();
     let started = Instant::now();
     for batch in inputs {
         let outputs = session.run(batch).expect("run");
@@ -214,10 +318,20 @@ fn bare_session(
 }
 
 /// Sends every request through a worker (tokenization, batching, scoring) and waits for
-/// every result. Each round loads a fresh session (the workers consume theirs), before the
-/// clock starts.
-fn through_workers(tokenizer: &TextTokenizer, max_tokens: usize, requests: &[Request]) -> Duration {
-    let model = LoadedModel::load(&ModelConfig::default(), 1).expect("reload the model");
+/// every result. Each round loads a fresh session (the workers consume theirs) and warms it
+/// up on `warmup`, before the clock starts.
+fn through_workers(
+    config: &ModelConfig,
+    tokenizer: &TextTokenizer,
+    max_tokens: usize,
+    requests: &[Request],
+    warmup: &[Vec<Vec<u32>>],
+) -> Duration {
+    let mut model = LoadedModel::load(config, 1).expect("reload the model");
+    for batch in warmup {
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        model.scorers[0].score(&refs).expect("warm-up batch");
+    }
     let config =
         BatchConfig { batch_size: BATCH_SIZE, max_wait: Duration::from_millis(5), max_tokens };
     let owned: Vec<Request> = requests.iter().map(clone_request).collect();

@@ -13,6 +13,7 @@ use mindstream::train::build::{self, BuildOptions};
 use mindstream::train::catalog::Horizons;
 use mindstream::train::evaluate;
 use mindstream::train::frozen;
+use mindstream::train::precision;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -87,6 +88,21 @@ enum Command {
         /// Continue from the newest checkpoint in --checkpoint-dir.
         #[arg(long, requires = "checkpoint_dir")]
         resume: bool,
+        /// Also write the float16 variant of the built model to this folder (as `fp16` does;
+        /// the build itself, its calibration and its evaluation stay in float32).
+        #[arg(long, value_name = "DIR")]
+        fp16: Option<PathBuf>,
+    },
+    /// Write the float16 variant of a model folder: weights and arithmetic in float16 for the
+    /// cuda execution provider, int64 inputs and float32 `scores` as in the model contract; a
+    /// card with the new SHA-256 and `precision = "fp16"`, and a copy of the tokenizer.
+    Fp16 {
+        /// The float32 model folder (model.json, model.onnx, tokenizer).
+        #[arg(long, default_value = "models")]
+        model: PathBuf,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Fit signal heads on a frozen ONNX GPT-2 (any graph with a `last_hidden_state` output)
     /// and write a model folder whose card carries the heads.
@@ -162,6 +178,7 @@ fn main() -> ExitCode {
             checkpoint_dir,
             checkpoint_every,
             resume,
+            fp16,
         } => {
             let options = BuildOptions {
                 data,
@@ -189,11 +206,15 @@ fn main() -> ExitCode {
                     print_evaluation(&card.evaluation);
                     println!("model {} written to {}", card.model_version, options.out.display());
                     println!("evaluation report written to {}", options.report.display());
-                    ExitCode::SUCCESS
+                    match fp16 {
+                        Some(half) => run_fp16(&options.out, &half),
+                        None => ExitCode::SUCCESS,
+                    }
                 }
                 Err(err) => cli::report(&err, EXIT_FAILURE),
             }
         }
+        Command::Fp16 { model, out } => run_fp16(&model, &out),
         Command::Heads {
             backbone,
             tokenizer,
@@ -231,6 +252,31 @@ fn run_evaluate(model: &Path, options: &BuildOptions, report: &Path) -> ExitCode
         Ok(outcome) => {
             print_evaluation(&outcome.evaluations());
             println!("evaluation report written to {}", report.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => cli::report(&err, EXIT_FAILURE),
+    }
+}
+
+/// `mindstream-train fp16`: writes the variant and says what changed.
+fn run_fp16(model: &Path, out: &Path) -> ExitCode {
+    match precision::fp16_folder(model, out) {
+        Ok(written) => {
+            let s = written.summary;
+            println!(
+                "float16: {} initializers ({} values, {} saturated to ±{}), {} constants, \
+                 {} casts, {} outputs cast back to float32; {} -> {} bytes",
+                s.initializers,
+                s.values,
+                s.saturated,
+                mindstream::train::export::SATURATED,
+                s.constants,
+                s.casts,
+                s.outputs,
+                written.bytes.0,
+                written.bytes.1
+            );
+            println!("model {} written to {}", written.card.model_version, out.display());
             ExitCode::SUCCESS
         }
         Err(err) => cli::report(&err, EXIT_FAILURE),

@@ -169,6 +169,7 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
         Err(code) => return code,
     };
     tracing::info!(model_version = %model.card.model_version, provider = model.provider,
+        precision = model.card.precision.as_str(), io_binding = config.model.io_binding,
         signals = model.card.signals.len(), "model loaded");
     let labels = [
         ("model_version", model.card.model_version.clone()),

@@ -258,6 +258,12 @@ pub struct ModelConfig {
     /// Threads inside each operator.
     #[serde(default = "default_intra_threads")]
     pub intra_threads: usize,
+    /// Run through ONNX Runtime's IO binding: each batch's inputs are bound, and only the
+    /// output the scorer reads is bound, to host memory, so nothing else is copied back from
+    /// the device. Scores are the same either way; what it saves is measured by
+    /// `scripts/gpu-bench.sh`.
+    #[serde(default)]
+    pub io_binding: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -435,6 +441,7 @@ impl Default for ModelConfig {
             execution_provider: default_provider(),
             allow_cpu_fallback: false,
             intra_threads: default_intra_threads(),
+            io_binding: false,
         }
     }
 }

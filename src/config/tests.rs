@@ -104,3 +104,16 @@ fn changelog_topic_must_be_its_own() {
     let err = load(MINIMAL, &env).unwrap_err().to_string();
     assert!(err.contains("state.changelog_topic"), "{err}");
 }
+
+/// `model.io_binding` is off unless asked for, in the file or from the environment, and a
+/// misspelt model key is still refused.
+#[test]
+fn io_binding_is_opt_in() {
+    assert!(!load(MINIMAL, &[]).unwrap().model.io_binding);
+    let file = format!("{MINIMAL}\n[model]\nio_binding = true\n");
+    assert!(load(&file, &[]).unwrap().model.io_binding);
+    let env = [("MINDSTREAM__MODEL__IO_BINDING", "true")];
+    assert!(load(MINIMAL, &env).unwrap().model.io_binding);
+    let err = load(&format!("{MINIMAL}\n[model]\nio_bindings = true\n"), &[]).unwrap_err();
+    assert!(err.to_string().contains("io_bindings"), "{err}");
+}

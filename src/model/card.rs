@@ -25,6 +25,11 @@ pub struct ModelCard {
     /// ONNX file inside the model folder and its SHA-256, checked at load.
     pub onnx_file: String,
     pub onnx_sha256: String,
+    /// Numeric precision of the graph's weights and arithmetic. Its inputs and outputs are the
+    /// model contract's either way (int64 in, float32 out), so a build that predates this field
+    /// serves an `fp16` card unchanged; absent means `fp32`.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
     /// Tokenizer file inside the model folder.
     pub tokenizer_file: String,
     /// Text format the model was trained on ([`crate::render::RENDER_VERSION`]).
@@ -53,6 +58,31 @@ pub struct ModelCard {
     pub training: Option<Training>,
     #[serde(default)]
     pub evaluation: Vec<Evaluation>,
+}
+
+/// Numeric precision of a model graph.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Float32 weights and arithmetic, as `mindstream-train build` exports.
+    #[default]
+    Fp32,
+    /// Float16 weights and arithmetic, from `mindstream-train fp16`; meant for the `cuda`
+    /// execution provider.
+    Fp16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    fn is_fp32(&self) -> bool {
+        *self == Precision::Fp32
+    }
 }
 
 /// One signal: its name, what it means, where its labels come from and when it applies.

@@ -56,6 +56,13 @@ impl LoadedModel {
             provider = scorer.provider();
             scorers.push(Box::new(scorer));
         }
+        if card.precision == card::Precision::Fp16 && provider == "cpu" {
+            tracing::warn!(
+                model_version = %card.model_version,
+                "fp16 model on the cpu provider: ONNX Runtime computes its arithmetic in fp32 \
+                 behind inserted casts, no faster than the fp32 model"
+            );
+        }
         Ok(LoadedModel { card: Arc::new(card), tokenizer, scorers, provider })
     }
 }

@@ -7,10 +7,15 @@
 //! `last_hidden_state` with the card's head weights applied by [`crate::model::heads`]. Either
 //! way the card's Platt scaling, when it has one, turns the head outputs into the calibrated
 //! probabilities that every caller sees.
+//!
+//! With `model.io_binding` the same graph runs through ONNX Runtime's IO binding: each batch's
+//! inputs are bound, and only the output read here is bound, to host memory, so a device
+//! provider copies nothing else back. The scores are the same as without it.
 
 use std::path::{Path, PathBuf};
 
-use ort::session::Session;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, SessionOutputs};
 use ort::value::Tensor;
 use sha2::{Digest, Sha256};
 
@@ -46,6 +51,8 @@ pub enum ModelError {
     Provider { provider: &'static str, message: String },
     #[error("inference failed")]
     Run(#[source] ort::Error),
+    #[error("cannot bind the session's inputs or output (model.io_binding)")]
+    Binding(#[source] ort::Error),
 }
 
 /// What the graph hands back.
@@ -56,8 +63,21 @@ enum Output {
     Hidden { heads: HeadWeights, n_embd: usize },
 }
 
+impl Output {
+    /// The graph output read.
+    fn name(&self) -> &'static str {
+        match self {
+            Output::Scores => "scores",
+            Output::Hidden { .. } => "last_hidden_state",
+        }
+    }
+}
+
 pub struct OrtScorer {
     session: Session,
+    /// With `model.io_binding`: the session's binding, whose inputs and output are bound
+    /// again for each batch (their shapes change); dropped with the scorer.
+    binding: Option<IoBinding>,
     needs_position_ids: bool,
     output: Output,
     signals: usize,
@@ -72,9 +92,7 @@ impl OrtScorer {
     pub fn load(dir: &Path, card: &ModelCard, config: &ModelConfig) -> Result<Self, ModelError> {
         let path = dir.join(&card.onnx_file);
         verify_checksum(&path, &card.onnx_sha256)?;
-        let library = runtime::locate_library(config.ort_library.as_deref())?;
-        let env = runtime::environment(&library)?;
-        let (session, provider) = build_session(env, &path, config)?;
+        let (session, provider) = open_session(&path, config)?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         for required in ["input_ids", "attention_mask"] {
             if !names.contains(&required) {
@@ -100,8 +118,14 @@ impl OrtScorer {
                 "no `scores` or `last_hidden_state` output (has {outputs:?})"
             )));
         };
+        let binding = if config.io_binding {
+            Some(session.create_binding().map_err(ModelError::Binding)?)
+        } else {
+            None
+        };
         Ok(OrtScorer {
             session,
+            binding,
             needs_position_ids,
             output,
             signals: card.signals.len(),
@@ -123,6 +147,18 @@ fn verify_checksum(path: &Path, expected: &str) -> Result<(), ModelError> {
         return Err(ModelError::Checksum { path: path.into(), expected: expected.into(), actual });
     }
     Ok(())
+}
+
+/// A session over the graph at `path` on the execution provider `config` names (falling back
+/// to the CPU where it allows); returns the provider in use. The scorer's sessions and the
+/// inference bench's bare session come from here.
+pub fn open_session(
+    path: &Path,
+    config: &ModelConfig,
+) -> Result<(Session, &'static str), ModelError> {
+    let library = runtime::locate_library(config.ort_library.as_deref())?;
+    let env = runtime::environment(&library)?;
+    build_session(env, path, config)
 }
 
 fn build_session(
@@ -206,14 +242,15 @@ impl Scorer for OrtScorer {
         let shape = vec![batch as i64, seq as i64];
         let tensor =
             |data: Vec<i64>| Tensor::from_array((shape.clone(), data)).map_err(ModelError::Run);
-        let mut inputs = ort::inputs![
-            "input_ids" => tensor(ids)?,
-            "attention_mask" => tensor(mask.clone())?,
-        ];
+        let mut inputs =
+            vec![("input_ids", tensor(ids)?), ("attention_mask", tensor(mask.clone())?)];
         if self.needs_position_ids {
-            inputs.push(("position_ids".into(), tensor(positions)?.into()));
+            inputs.push(("position_ids", tensor(positions)?));
         }
-        let outputs = self.session.run(inputs).map_err(ModelError::Run)?;
+        let outputs = match self.binding.as_mut() {
+            None => self.session.run(inputs).map_err(ModelError::Run)?,
+            Some(binding) => run_bound(&mut self.session, binding, &inputs, self.output.name())?,
+        };
         let mut scores = match &self.output {
             Output::Scores => {
                 let (_, scores) =
@@ -246,6 +283,26 @@ impl Scorer for OrtScorer {
     }
 }
 
+/// Binds this batch's inputs and the one output read, to host memory, and runs the graph.
+///
+/// The output is bound again for every batch: a bound output keeps the shape of its first
+/// run, and the batch and sequence sizes change from one call to the next.
+fn run_bound<'s>(
+    session: &'s mut Session,
+    binding: &'s mut IoBinding,
+    inputs: &[(&str, Tensor<i64>)],
+    output: &str,
+) -> Result<SessionOutputs<'s>, ModelError> {
+    for (name, value) in inputs {
+        binding.bind_input(*name, value).map_err(ModelError::Binding)?;
+    }
+    let host =
+        MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::CPUOutput)
+            .map_err(ModelError::Binding)?;
+    binding.bind_output_to_device(output, &host).map_err(ModelError::Binding)?;
+    session.run_binding(binding).map_err(ModelError::Run)
+}
+
 /// Applies one scaling per column to `scores` (`[rows, calibration.len()]`); nothing when
 /// there is no calibration.
 fn calibrate(calibration: &[Platt], scores: &mut [f32]) {
@@ -276,6 +333,7 @@ mod tests {
             description: String::new(),
             onnx_file: onnx.file_name().unwrap().to_string_lossy().into(),
             onnx_sha256: hex::encode(Sha256::digest(&bytes)),
+            precision: crate::model::card::Precision::Fp32,
             tokenizer_file: String::new(),
             render_version: crate::render::RENDER_VERSION,
             max_tokens: 32,
@@ -389,6 +447,29 @@ mod tests {
         calibrated.save(&path).unwrap();
         let err = ModelCard::load(&path).err().unwrap();
         assert!(err.to_string().contains("calibration covers"), "{err}");
+    }
+
+    /// With `model.io_binding` both kinds of graph give exactly the scores of the plain run,
+    /// over batches whose shapes change from call to call (the output is bound again each
+    /// time), on the CPU provider where both run the same kernels.
+    #[test]
+    fn io_binding_scores_equal_plain_scores() {
+        let dir = tempfile::tempdir().unwrap();
+        let heads = export_graphs(dir.path());
+        let (inside, outside) = (dir.path().join("inside.onnx"), dir.path().join("outside.onnx"));
+        let plain = ModelConfig::default();
+        let bound = ModelConfig { io_binding: true, ..ModelConfig::default() };
+        let batches: [&[&[u32]]; 3] = [&ROWS, &[&[4, 4, 4, 4, 4, 4, 4, 4, 4]], &ROWS[..2]];
+        for card in [card(&inside, None), card(&outside, Some(HeadWeights::from(&heads)))] {
+            let mut a = OrtScorer::load(dir.path(), &card, &plain).unwrap();
+            let mut b = OrtScorer::load(dir.path(), &card, &bound).unwrap();
+            assert!(b.binding.is_some() && a.binding.is_none());
+            for batch in batches {
+                let (a, b) = (a.score(batch).unwrap(), b.score(batch).unwrap());
+                assert_eq!(a.len(), batch.len() * 2);
+                assert_eq!(a, b, "io binding changed the scores of {} rows", batch.len());
+            }
+        }
     }
 
     /// A card written before calibration existed has no `calibration` key; it loads, and its

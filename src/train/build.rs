@@ -371,7 +371,7 @@ pub fn build(
     options: &BuildOptions,
     command: &str,
 ) -> Result<crate::model::card::ModelCard, BuildError> {
-    use crate::model::card::{ModelCard, Training, CARD_VERSION};
+    use crate::model::card::{ModelCard, Precision, Training, CARD_VERSION};
     use crate::train::export::{export_onnx, ExportMeta};
     use crate::train::fit;
     use crate::train::gpt2::Heads;
@@ -476,6 +476,7 @@ pub fn build(
             .into(),
         onnx_file: "model.onnx".into(),
         onnx_sha256: sha,
+        precision: Precision::Fp32,
         tokenizer_file: "tokenizer.json".into(),
         render_version: crate::render::RENDER_VERSION,
         max_tokens: options.max_tokens,

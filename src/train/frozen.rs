@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::model::card::{Backbone, ModelCard, Training, CARD_VERSION};
+use crate::model::card::{Backbone, ModelCard, Precision, Training, CARD_VERSION};
 use crate::train::build::{
     self, seconds, step_err, with_causes, BuildError, BuildOptions, DataSet,
 };
@@ -161,6 +161,7 @@ fn card(
             .into(),
         onnx_file: "model.onnx".into(),
         onnx_sha256: sha,
+        precision: Precision::Fp32,
         tokenizer_file: "tokenizer.json".into(),
         render_version: crate::render::RENDER_VERSION,
         max_tokens,

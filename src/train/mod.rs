@@ -5,9 +5,9 @@
 //! loads a Hugging Face GPT-2 to start from; [`gpt2`] is the model and its language-model
 //! trainer, [`checkpoint`] its resumable checkpoints; [`features`], [`linear`] and [`fit`]
 //! learn the heads; [`frozen`] fits heads on any ONNX GPT-2 without training it; [`export`]
-//! writes the ONNX graph; [`catalog`] defines the signals. [`calibrate`] fits the Platt
-//! scaling of the heads, [`evaluate`] measures the model and its baselines with [`metrics`],
-//! and [`report`] writes the evaluation report.
+//! writes the ONNX graph and [`precision`] its float16 variant; [`catalog`] defines the
+//! signals. [`calibrate`] fits the Platt scaling of the heads, [`evaluate`] measures the model
+//! and its baselines with [`metrics`], and [`report`] writes the evaluation report.
 
 pub mod bpe;
 pub mod build;
@@ -24,6 +24,7 @@ pub mod frozen;
 pub mod gpt2;
 pub mod linear;
 pub mod metrics;
+pub mod precision;
 pub mod pretrained;
 pub mod report;
 #[cfg(test)]

@@ -5,4 +5,5 @@ mod cli;
 mod delivery;
 mod explanations;
 mod kafka_path;
+mod precision;
 mod support;

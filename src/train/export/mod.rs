@@ -26,9 +26,11 @@
 //!
 //! This file holds the entry points, the metadata and the errors; `graph` the builder that
 //! names values and collects nodes and initializers; `blocks` the embedding and transformer
-//! nodes up to `ln_f`; `heads` the pooling and head nodes behind `scores`.
+//! nodes up to `ln_f`; `heads` the pooling and head nodes behind `scores`; `fp16` the
+//! conversion of a finished graph to float16 weights and arithmetic behind the same interface.
 
 mod blocks;
+mod fp16;
 mod graph;
 mod heads;
 #[cfg(test)]
@@ -40,6 +42,8 @@ use std::path::{Path, PathBuf};
 
 use onnx_protobuf::{Message, ModelProto, OperatorSetIdProto, StringStringEntryProto};
 use serde::{Deserialize, Serialize};
+
+pub use self::fp16::{to_fp16, Fp16Error, Fp16Summary, META_PRECISION, SATURATED};
 
 use self::blocks::backbone;
 use self::graph::{Dim, GraphBuilder};

@@ -40,6 +40,7 @@ fn card_over(dir: &Path, heads: HeadWeights, config: &Gpt2Config) -> ModelCard {
         description: String::new(),
         onnx_file: "model.onnx".into(),
         onnx_sha256: hex::encode(Sha256::digest(&bytes)),
+        precision: crate::model::card::Precision::Fp32,
         tokenizer_file: String::new(),
         render_version: crate::render::RENDER_VERSION,
         max_tokens: config.n_positions,
