@@ -116,6 +116,10 @@ fn scale_out() {
     a.kill();
     println!("killed A with offsets {at_kill:?} of {:?} committed", input.ends);
 
+    // B takes A's partitions once A's session times out. A may have finished its own
+    // partitions already, so the commits can reach the end before that: wait for the
+    // takeover itself, then for the end.
+    wait_for_assignments(&mut b, 2);
     lane.wait_for_commits(&bench, &mut b, RUN_LIMIT, "to the end", |c| at_end(c, &input.ends));
     let (status, took) = terminate(&mut b);
     assert!(status.success(), "B exited with {status} after SIGTERM\n{}", b.log_tail());
