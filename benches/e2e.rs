@@ -15,8 +15,7 @@
 //! - Saturation: the slice is replayed in real time at falling fractions of the catch-up rate
 //!   (0.4, 0.3, 0.25, ...) until the processor keeps up: every event gets a signal and none of
 //!   the last tenth waited over a second, so no backlog built up. The whole slice, because the
-//!   work per event grows along it as users' windows fill (its first 30,000 events kept up at a
-//!   rate the whole slice did not).
+//!   work per event grows along it as users' windows fill.
 //! - Latency: the whole slice is replayed at half the saturation rate; for every input event,
 //!   the latency is the broker timestamp of the first signal record of its user that covers it
 //!   (lineage at or after the event's offset) minus the event's own broker timestamp.
