@@ -64,7 +64,7 @@ fn main() {
     let broker = Broker::start();
 
     if let Some(rate) = fixed_rate {
-        let run = latency_run(&broker, dir.path(), "fixed", &file, workers, rate);
+        let run = latency_run(&broker, dir.path(), "fixed", &file, events.len(), workers, rate);
         let latencies = run.sorted();
         println!(
             "rate {rate:.0} requested, {:.0} achieved; {} of {} covered; keeps up: {}; \
@@ -72,15 +72,13 @@ fn main() {
             run.achieved,
             latencies.len(),
             events.len(),
-            run.keeps_up(events.len()),
+            run.keeps_up(),
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.9),
             percentile(&latencies, 0.99),
             percentile(&latencies, 1.0)
         );
-        let mut by_time = run.samples.clone();
-        by_time.sort_by_key(|(produced, _)| *produced);
-        for (tenth, part) in by_time.chunks(by_time.len().div_ceil(10).max(1)).enumerate() {
+        for (tenth, part) in run.samples.chunks(run.samples.len().div_ceil(10).max(1)).enumerate() {
             let mut part: Vec<f64> = part.iter().map(|(_, latency)| *latency).collect();
             part.sort_by(f64::total_cmp);
             println!(
@@ -116,8 +114,8 @@ fn main() {
     for (index, fraction) in fractions.iter().enumerate() {
         let rate = catch_up * fraction;
         let name = format!("trial{index}");
-        let trial = latency_run(&broker, dir.path(), &name, &file, workers, rate);
-        let kept_up = trial.keeps_up(events.len());
+        let trial = latency_run(&broker, dir.path(), &name, &file, events.len(), workers, rate);
+        let kept_up = trial.keeps_up();
         trials.push((rate, trial.achieved, trial.tail_max(), kept_up));
         if kept_up {
             saturation = Some(trial.achieved);
@@ -127,7 +125,8 @@ fn main() {
     let saturation = saturation.expect("the processor keeps up with one of the trial rates");
 
     // Latency at half the saturation rate, the whole slice.
-    let latency = latency_run(&broker, dir.path(), "latency", &file, workers, saturation / 2.0);
+    let latency =
+        latency_run(&broker, dir.path(), "latency", &file, events.len(), workers, saturation / 2.0);
     let latencies = latency.sorted();
 
     println!("| measure | value |");
@@ -190,9 +189,10 @@ const TRIAL_FRACTIONS: [f64; 6] = [0.4, 0.3, 0.25, 0.2, 0.15, 0.1];
 /// waited longer than this.
 const KEEPS_UP_MS: f64 = 1_000.0;
 
-/// A real-time run: the achieved replay rate, and per input event its produce time and its
-/// latency in milliseconds.
+/// A real-time run of `events` events: the achieved replay rate, and per input event covered
+/// by a signal its produce time and its latency in milliseconds, in produce order.
 struct LatencyRun {
+    events: usize,
     achieved: f64,
     samples: Vec<(i64, f64)>,
     records: usize,
@@ -207,18 +207,16 @@ impl LatencyRun {
 
     /// The slowest latency among the last tenth of the events produced.
     fn tail_max(&self) -> f64 {
-        let mut by_time = self.samples.clone();
-        by_time.sort_by_key(|(produced, _)| *produced);
-        let tail = by_time.len() - by_time.len() / 10;
-        by_time[tail.min(by_time.len().saturating_sub(1))..]
+        let tail = self.samples.len() - self.samples.len() / 10;
+        self.samples[tail.min(self.samples.len().saturating_sub(1))..]
             .iter()
             .map(|(_, latency)| *latency)
             .fold(0.0, f64::max)
     }
 
     /// Whether the processor kept up: no backlog built up by the end of the replay.
-    fn keeps_up(&self, events: usize) -> bool {
-        self.samples.len() == events && self.tail_max() <= KEEPS_UP_MS
+    fn keeps_up(&self) -> bool {
+        self.samples.len() == self.events && self.tail_max() <= KEEPS_UP_MS
     }
 }
 
@@ -293,17 +291,17 @@ fn agreement(
     (compared, largest)
 }
 
-/// A deployment of its own (`name`), started and ready, then the events of `file` replayed into
-/// it at `rate` per second.
+/// A deployment of its own (`name`), started and ready, then the `events` events of `file`
+/// replayed into it at `rate` per second.
 fn latency_run(
     broker: &Broker,
     dir: &Path,
     name: &str,
     file: &Path,
+    events: usize,
     workers: usize,
     rate: f64,
 ) -> LatencyRun {
-    let events = std::fs::read_to_string(file).expect("events").lines().count();
     let lane = Lane::new(broker, dir, name, workers);
     let mut processor = lane.start(false);
     lane.wait_ready(&mut processor);
@@ -312,8 +310,9 @@ fn latency_run(
     let achieved = events as f64 / started.elapsed().as_secs_f64();
     lane.wait_quiet(events);
     processor.terminate();
-    let (samples, records) = latencies(broker, &lane);
-    LatencyRun { achieved, samples, records }
+    let (mut samples, records) = latencies(broker, &lane);
+    samples.sort_by_key(|(produced, _)| *produced);
+    LatencyRun { events, achieved, samples, records }
 }
 
 fn write_events(path: &Path, events: &[mindstream::event::Event]) {
