@@ -4,8 +4,8 @@
 One process, one loop: a confluent-kafka consumer reads JSON events, each event is decoded
 and checked as the processor checks it, its user id pseudonymised and its text scrubbed, and
 it is added to the user's window kept in a dict. The window is rendered as model text,
-tokenized with the `tokenizers` package and scored with `onnxruntime` (one session, one
-thread, CPU), in one model call per event: the whole window plus, for explanations, the
+tokenized with the `tokenizers` package and scored with `onnxruntime` (one session on the
+CPU, `--threads` intra-op threads, 1 by default), in one model call per event: the whole window plus, for explanations, the
 window with each of the newest events left out. The calibrated scores become a signal record
 (the processor's JSON record schema) produced to the signal topic, keyed by user key.
 
@@ -20,7 +20,7 @@ of a user at once; its record then matches the baseline's line with the same use
 version.
 
     baseline.py --brokers HOST:PORT --topic T --signals-topic S --group G \
-        --model-dir models --events N [--dump FILE]
+        --model-dir models --events N [--threads N] [--dump FILE]
 
 The pseudonymisation secret comes from MINDSTREAM_PSEUDONYM_KEY, as for the processor. At the
 end one JSON line goes to stdout: events read, scored and rejected, and the rate over the time
@@ -560,9 +560,10 @@ def encode_window(tokenizer, segments, max_tokens):
 
 
 class Model:
-    """The ONNX graph on one CPU thread, with the card's Platt scaling applied to its scores."""
+    """The ONNX graph on `threads` CPU threads (0: ONNX Runtime's default, one per core), with
+    the card's Platt scaling applied to its scores."""
 
-    def __init__(self, model_dir, card):
+    def __init__(self, model_dir, card, threads=1):
         path = os.path.join(model_dir, card["onnx_file"])
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
@@ -570,7 +571,7 @@ class Model:
             raise SystemExit(f"baseline: {path} has SHA-256 {digest}, the card says "
                              f"{card['onnx_sha256']}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -686,7 +687,7 @@ def signal_record(card, user_key, state, full, without, kept):
 class Baseline:
     """Everything one event passes through, from its bytes to its signal record."""
 
-    def __init__(self, model_dir, secret):
+    def __init__(self, model_dir, secret, threads=1):
         with open(os.path.join(model_dir, "model.json"), encoding="utf-8") as f:
             self.card = json.load(f)
         self.window = self.card["window"]
@@ -694,7 +695,7 @@ class Baseline:
         self.max_tokens = self.card["max_tokens"]
         self.tokenizer = Tokenizer.from_file(
             os.path.join(model_dir, self.card.get("tokenizer_file") or "tokenizer.json"))
-        self.model = Model(model_dir, self.card)
+        self.model = Model(model_dir, self.card, threads)
         self.names = [s["name"] for s in self.card["signals"]]
         self.key = Pseudonymizer(secret)
         self.users = {}
@@ -746,6 +747,8 @@ def parse_args():
     parser.add_argument("--signals-topic", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--model-dir", default="models")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads (0: one per core)")
     parser.add_argument("--events", type=int, required=True,
                         help="stop after this many records (0: when every partition is read)")
     parser.add_argument("--dump", help="write each scoring's calibrated scores here (JSON lines)")
@@ -855,7 +858,7 @@ def main():
     if secret is None:
         raise SystemExit(f"baseline: set {KEY_ENV} to the pseudonymisation secret")
     started = time.perf_counter()
-    baseline = Baseline(args.model_dir, secret)
+    baseline = Baseline(args.model_dir, secret, args.threads)
     counts = baseline.counts
     dump = open(args.dump, "w", encoding="utf-8") if args.dump else None
     run = Run(args)
