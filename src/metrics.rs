@@ -57,6 +57,8 @@ pub const CONSUMER_LAG: &str = "mindstream_consumer_lag_records";
 pub const MODEL_INFO: &str = "mindstream_model_info";
 /// Always 1; labels describe the build. Labels: `version`.
 pub const BUILD_INFO: &str = "mindstream_build_info";
+/// 1 when `/readyz` would answer ready, else 0; taken at each scrape.
+pub const READY: &str = "mindstream_ready";
 
 /// Bucket bounds of the seconds histograms.
 const SECONDS_BUCKETS: [f64; 14] =
@@ -75,6 +77,28 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = builder.install_recorder()?;
     describe();
     Ok(handle)
+}
+
+/// Puts every counter and gauge without a per-event label into the exposition at zero, and
+/// the per-topic ones for each input topic, so that dashboards and alert rules see a series
+/// (a `rate()` of nothing is no data, not zero) before the first event of its kind.
+pub fn register_series(input_topics: &[String]) {
+    let counters =
+        [RECORDS_OUT, USERS_EVICTED, COMMIT_FAILURES, RECORDS_DROPPED_REVOKED, USERS_RESTORED];
+    for name in counters.into_iter().chain([TRANSACTIONS]) {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [ACTIVE_USERS, STATE_BYTES, SCORING_QUEUE_DEPTH, CONSUMER_PAUSED] {
+        metrics::gauge!(name).set(0.0);
+    }
+    for kind in ["assign", "revoke"] {
+        metrics::counter!(REBALANCES, "kind" => kind).increment(0);
+    }
+    for topic in input_topics {
+        for name in [RECORDS_IN, EVENTS_OPTED_OUT, EVENTS_ALREADY_APPLIED] {
+            metrics::counter!(name, "topic" => topic.clone()).increment(0);
+        }
+    }
 }
 
 fn describe() {
@@ -115,4 +139,5 @@ fn describe() {
     describe_gauge!(CONSUMER_PAUSED, Unit::Count, "1 while input is paused for backpressure.");
     describe_gauge!(MODEL_INFO, Unit::Count, "The loaded model (always 1).");
     describe_gauge!(BUILD_INFO, Unit::Count, "The running build (always 1).");
+    describe_gauge!(READY, Unit::Count, "1 when ready (as /readyz), else 0.");
 }

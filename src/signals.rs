@@ -202,6 +202,11 @@ pub fn encode(format: Format, record: &SignalRecord) -> Vec<u8> {
     }
 }
 
+/// A record as JSON text, whatever the topic's format (for the HTTP lookup).
+pub fn to_json(record: &SignalRecord) -> String {
+    serde_json::to_string(record).expect("plain fields serialise")
+}
+
 /// Decodes a record read back from the signal topic.
 pub fn decode(format: Format, bytes: &[u8]) -> Result<SignalRecord, String> {
     match format {

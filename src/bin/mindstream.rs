@@ -10,6 +10,7 @@ use mindstream::cli::{self, EXIT_FAILURE, EXIT_USAGE};
 use mindstream::config::Config;
 use mindstream::event::Format;
 use mindstream::http::Health;
+use mindstream::lookup::LatestSignals;
 use mindstream::model::LoadedModel;
 use mindstream::ops::{replay, summary, topics};
 use mindstream::pipeline::{self, RunOptions};
@@ -157,6 +158,10 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
         return cli::report(&err, EXIT_USAGE);
     }
     tracing::info!(config = %config.redacted(), "starting");
+    let key = match Pseudonymizer::from_config(&config.privacy) {
+        Ok(key) => key,
+        Err(err) => return cli::report(&err, EXIT_USAGE),
+    };
     let runtime = runtime();
     let metrics = match mindstream::metrics::install() {
         Ok(handle) => handle,
@@ -164,28 +169,25 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
     };
     metrics::gauge!(mindstream::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
-    let (model, key) = match load_model_and_key(&config) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
-    tracing::info!(model_version = %model.card.model_version, provider = model.provider,
-        precision = model.card.precision.as_str(), io_binding = config.model.io_binding,
-        signals = model.card.signals.len(), "model loaded");
-    let labels = [
-        ("model_version", model.card.model_version.clone()),
-        ("execution_provider", model.provider.to_owned()),
-    ];
-    metrics::gauge!(mindstream::metrics::MODEL_INFO, &labels).set(1.0);
-
     let health = Arc::new(Health::default());
+    let latest = config
+        .http
+        .signals_lookup
+        .then(|| Arc::new(LatestSignals::new(config.http.signals_lookup_capacity)));
+
     let result = runtime.block_on(async {
+        // Listening before the model loads: a probe sees a live process that is not ready.
         if let Some(listen) = config.http.listen {
-            if let Err(err) = mindstream::http::serve(listen, metrics, health.clone()).await {
+            let served =
+                mindstream::http::serve(listen, metrics, health.clone(), latest.clone()).await;
+            if let Err(err) = served {
                 return Err(cli::report(&err, EXIT_FAILURE));
             }
         }
+        let model = load_model(&config).await?;
+        let reporting = pipeline::Reporting { health, latest };
         // On a worker thread: the pipeline makes short blocking broker queries in place.
-        let pipeline = tokio::spawn(pipeline::run(config, model, key, health, options));
+        let pipeline = tokio::spawn(pipeline::run(config, model, key, reporting, options));
         match pipeline.await {
             Ok(result) => result.map_err(|err| cli::report(&err, EXIT_FAILURE)),
             Err(err) => Err(cli::report(&err, EXIT_FAILURE)),
@@ -195,6 +197,24 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(code) => code,
     }
+}
+
+/// Loads the model off the runtime's threads, logs it and sets `mindstream_model_info`.
+async fn load_model(config: &Config) -> Result<LoadedModel, ExitCode> {
+    let (model_config, workers) = (config.model.clone(), config.scoring.workers);
+    let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&model_config, workers))
+        .await
+        .map_err(|err| cli::report(&err, EXIT_FAILURE))?;
+    let model = loaded.map_err(|err| cli::report(&err, EXIT_FAILURE))?;
+    tracing::info!(model_version = %model.card.model_version, provider = model.provider,
+        precision = model.card.precision.as_str(), io_binding = config.model.io_binding,
+        signals = model.card.signals.len(), "model loaded");
+    let labels = [
+        ("model_version", model.card.model_version.clone()),
+        ("execution_provider", model.provider.to_owned()),
+    ];
+    metrics::gauge!(mindstream::metrics::MODEL_INFO, &labels).set(1.0);
+    Ok(model)
 }
 
 fn score(config: &Config, input: &Path, output: &Path, rejects: Option<PathBuf>) -> ExitCode {

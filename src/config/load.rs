@@ -135,6 +135,10 @@ impl Config {
         if self.interests.tracked < self.interests.top_k {
             return Err(("interests.tracked", "must be at least interests.top_k".into()));
         }
+        if self.http.signals_lookup && self.http.signals_lookup_capacity == 0 {
+            let message = "must be at least 1 while http.signals_lookup is on".into();
+            return Err(("http.signals_lookup_capacity", message));
+        }
         self.validate_drain_timeout()?;
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", err.to_string()));

@@ -290,11 +290,28 @@ pub struct PrivacyConfig {
     pub pseudonym_key_env: String,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz` and `/readyz`; absent turns the server off.
     pub listen: Option<SocketAddr>,
+    /// Serve `GET /users/{key}/signals`, the latest record this instance delivered for a
+    /// pseudonymised key.
+    #[serde(default = "default_true")]
+    pub signals_lookup: bool,
+    /// Most users whose latest record the lookup keeps (the most recently delivered ones).
+    #[serde(default = "default_signals_lookup_capacity")]
+    pub signals_lookup_capacity: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            signals_lookup: true,
+            signals_lookup_capacity: default_signals_lookup_capacity(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -315,6 +332,12 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_signals_lookup_capacity() -> usize {
+    10_000
+}
 fn default_brokers() -> String {
     "localhost:9092".into()
 }

@@ -1,0 +1,542 @@
+//! The processor: wires source, windows, model, signals and sink together.
+//!
+//! ```text
+//! changelog ──restore on assign──┐
+//! consumer ──decode──▶ Store (windows, watermarks, coalescing) ──requests──▶ model workers
+//!    │  rejected ──▶ DLQ                                                        │ scores
+//!    └─ commit ◀── offset tracker ◀── acknowledgements ◀── signal + changelog ◀─┘
+//! ```
+//!
+//! The consumer's life has three phases: consuming, draining (stop reading, finish the batches
+//! under way, wait for every acknowledgement, commit), done. Draining starts on SIGTERM or SIGINT,
+//! or when `until_caught_up` is set and every assigned partition is read to its end with
+//! nothing left in flight. A model or delivery failure stops the processor without committing
+//! what it did not deliver.
+//!
+//! Partitions come and go while consuming (see [`crate::source`]): an assignment brings the
+//! partitions' users back from the changelog before their first record; a revocation stops
+//! publishing for them, waits for what was already handed to the producer, commits, and
+//! drops their users. Scoring still running for them is dropped deliberately: its records'
+//! offsets stay uncommitted, so the next owner reads them again on top of the restored state.
+//!
+//! # Layout
+//!
+//! This file holds the entry point, the consume loop, the handling of one record and the
+//! drain; `publish` the task that turns scores into records; `rebalance` assignments and
+//! revocations; `upkeep` commits, gauges, eviction, lag and the caught-up check; `rejections`
+//! the burst-limited log of rejected records.
+
+mod publish;
+mod rebalance;
+mod rejections;
+mod upkeep;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::config::DeliveryMode;
+use crate::http::Health;
+use crate::lookup::LatestSignals;
+use crate::metrics as m;
+use crate::model::batcher::{self, BatchConfig, ScoreRequest, Scored};
+use crate::model::scorer::ModelError;
+use crate::model::LoadedModel;
+use crate::offsets::{OffsetRef, OffsetTracker, Partition};
+use crate::sink::{Owner, Sink, SinkError};
+use crate::source::{self, Polled, RestoreError, Shared, Source, SourceConsumer, Topics};
+use crate::window::store::{Applied, Scoring, Store, StoreConfig};
+use crate::window::Lineage;
+
+use self::publish::{publish, Done};
+use self::rejections::RejectionLog;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Stop once every assigned partition is read to its end and everything is delivered.
+    pub until_caught_up: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot create the Kafka consumer")]
+    Consumer(#[source] KafkaError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("the model failed")]
+    Model(#[from] ModelError),
+    #[error("the model workers stopped")]
+    WorkersGone,
+    #[error("draining did not finish within shutdown.drain_timeout ({0:?})")]
+    DrainTimeout(Duration),
+    #[error("cannot restore state from the changelog")]
+    Restore(#[from] RestoreError),
+    #[error("{0}")]
+    Topics(String),
+}
+
+/// Why consuming stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Signal,
+    CaughtUp,
+}
+
+type Request = ScoreRequest<Scoring<OffsetRef>>;
+type Outcome = Result<Scored<Scoring<OffsetRef>>, ModelError>;
+
+/// State the consume loop works on (the consumer itself is kept apart so that a borrowed
+/// message can be handled while this is mutated).
+struct Processor {
+    topics: Topics,
+    store: Store<OffsetRef>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    sink: Sink,
+    /// Scoring requests to the model workers; dropped when draining so the workers finish.
+    requests: Option<flume::Sender<Request>>,
+    /// The same queue's receiving end, to take back requests no worker has started when
+    /// draining.
+    queued: flume::Receiver<Request>,
+    /// Sequence numbers of requests taken back, for the publisher's ordering.
+    skipped: Option<mpsc::UnboundedSender<u64>>,
+    health: Arc<Health>,
+    mode: DeliveryMode,
+    /// Longest a revocation waits for the producer.
+    drain_timeout: Duration,
+    /// Input partition numbers held (restored and not revoked).
+    held: std::collections::HashSet<i32>,
+    /// Committed position of each partition when it was assigned: where reading starts.
+    start_positions: std::collections::HashMap<Partition, i64>,
+    /// When the last input record arrived (for the caught-up check).
+    last_record: Instant,
+    /// Consumption is paused because more users are due than the scoring queue takes.
+    paused: bool,
+    /// Records read since start, for the progress log.
+    records_in: u64,
+    /// Latest record per user for the HTTP lookup; opt-outs are taken out of it.
+    latest: Option<Arc<LatestSignals>>,
+    /// Rejections waiting for their log line.
+    rejections: RejectionLog,
+    /// Partitions whose lag gauge was set, to zero it once they are no longer assigned.
+    lag_reported: std::collections::HashSet<Partition>,
+}
+
+/// Failures reported by tasks other than the consume loop.
+struct Fatal {
+    sink: mpsc::UnboundedReceiver<SinkError>,
+    model: mpsc::UnboundedReceiver<ModelError>,
+}
+
+impl Fatal {
+    async fn next(&mut self) -> PipelineError {
+        tokio::select! {
+            Some(err) = self.sink.recv() => PipelineError::Sink(err),
+            Some(err) = self.model.recv() => PipelineError::Model(err),
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// Where the processor reports to the HTTP server: readiness, and the latest record per user
+/// when the lookup is on.
+pub struct Reporting {
+    pub health: Arc<Health>,
+    pub latest: Option<Arc<LatestSignals>>,
+}
+
+/// Runs the processor until a signal or, with `until_caught_up`, the end of the input.
+pub async fn run(
+    config: Config,
+    model: LoadedModel,
+    key: crate::privacy::Pseudonymizer,
+    reporting: Reporting,
+    options: RunOptions,
+) -> Result<StopReason, PipelineError> {
+    let Reporting { health, latest } = reporting;
+    let card = model.card.clone();
+    let input_topics: Vec<String> = config.inputs.iter().map(|i| i.topic.clone()).collect();
+    m::register_series(&input_topics);
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let (sink_fatal, sink_errors) = mpsc::unbounded_channel();
+    let sink = tokio::task::block_in_place(|| Sink::new(&config, tracker.clone(), sink_fatal))?;
+    tokio::task::block_in_place(|| check_topics(&config, &sink))?;
+    let probe = tokio::spawn(probe_broker(sink.clone(), health.clone()));
+
+    let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
+    let (result_tx, result_rx) = flume::bounded(config.scoring.queue_capacity);
+    let (skipped_tx, skipped_rx) = mpsc::unbounded_channel();
+    let batch = BatchConfig::new(&config.scoring, card.max_tokens);
+    let queued = request_rx.clone();
+    let workers =
+        batcher::spawn_workers(model.scorers, &model.tokenizer, batch, request_rx, result_tx);
+    health.model_loaded.store(true, Ordering::SeqCst);
+    let (model_fatal, model_errors) = mpsc::unbounded_channel();
+    let explain_top = config.scoring.explain_top;
+    let done = Done { results: result_rx, skipped: skipped_rx };
+    let publisher = tokio::spawn(publish(
+        done,
+        sink.clone(),
+        card.clone(),
+        explain_top,
+        latest.clone(),
+        model_fatal,
+    ));
+    let mut fatal = Fatal { sink: sink_errors, model: model_errors };
+
+    let shared = Shared {
+        tracker: tracker.clone(),
+        assignment: health.assignment.clone(),
+        restoring: health.restoring.clone(),
+    };
+    let mut source = Source::start(&config, shared).map_err(PipelineError::Consumer)?;
+    tracing::info!(
+        inputs = config.inputs.len(),
+        group = %config.kafka.group_id,
+        delivery = ?config.delivery.mode,
+        assignment_strategy = source::assignment_strategy(&config),
+        "consuming"
+    );
+    let mut processor = Processor {
+        topics: Topics::new(&config),
+        store: Store::new(StoreConfig::resolve(&config, &card), Arc::new(key)),
+        tracker,
+        sink,
+        requests: Some(request_tx),
+        queued,
+        skipped: Some(skipped_tx),
+        health,
+        mode: config.delivery.mode,
+        drain_timeout: config.shutdown.drain_timeout,
+        held: std::collections::HashSet::new(),
+        start_positions: std::collections::HashMap::new(),
+        last_record: Instant::now(),
+        paused: false,
+        records_in: 0,
+        latest,
+        rejections: RejectionLog::default(),
+        lag_reported: std::collections::HashSet::new(),
+    };
+
+    let consumed = processor.consume(&mut source, &config, options, &mut fatal).await;
+    let reason = match consumed {
+        Ok(reason) => reason,
+        Err(err) => {
+            probe.abort();
+            return Err(err);
+        }
+    };
+    tracing::info!(?reason, "draining");
+    let timeout = config.shutdown.drain_timeout;
+    let drained =
+        tokio::time::timeout(timeout, processor.drain(&mut source, publisher, &mut fatal)).await;
+    probe.abort();
+    drained.map_err(|_| PipelineError::DrainTimeout(timeout))??;
+    tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join())))
+        .await
+        .ok();
+    tracing::info!(?reason, "done");
+    Ok(reason)
+}
+
+/// Checks at start-up that the changelog exists with a partition for every input partition
+/// number, so that every assigned partition has somewhere to restore from.
+fn check_topics(config: &Config, sink: &Sink) -> Result<(), PipelineError> {
+    let changelog = &config.state.changelog_topic;
+    let count = |topic: &str| -> Result<usize, PipelineError> {
+        let partitions = sink.partition_count(topic, TOPIC_CHECK_TIMEOUT).map_err(|err| {
+            PipelineError::Topics(format!("cannot read the metadata of topic `{topic}`: {err}"))
+        })?;
+        if partitions == 0 {
+            return Err(PipelineError::Topics(format!(
+                "topic `{topic}` does not exist; create it first (`mindstream topics` creates \
+                 every topic of the configuration)"
+            )));
+        }
+        Ok(partitions)
+    };
+    let changelog_partitions = count(changelog)?;
+    for input in &config.inputs {
+        let partitions = count(&input.topic)?;
+        if partitions > changelog_partitions {
+            return Err(PipelineError::Topics(format!(
+                "state.changelog_topic `{changelog}` has {changelog_partitions} partitions but \
+                 input `{}` has {partitions}; the changelog needs one per input partition",
+                input.topic
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `broker_down` current: a broker that stops answering (a network partition, a
+/// stalled broker) does not always make the client report an error.
+async fn probe_broker(sink: Sink, health: Arc<Health>) {
+    let mut tick = interval(BROKER_PROBE_PERIOD);
+    loop {
+        tick.tick().await;
+        let probe = sink.clone();
+        let reachable =
+            tokio::task::spawn_blocking(move || probe.broker_reachable(BROKER_PROBE_TIMEOUT))
+                .await
+                .unwrap_or(false);
+        let was_down = health.broker_down.swap(!reachable, Ordering::SeqCst);
+        if was_down == reachable {
+            if reachable {
+                tracing::info!("broker reachable again");
+            } else {
+                tracing::warn!(timeout = ?BROKER_PROBE_TIMEOUT, "broker unreachable");
+            }
+        }
+    }
+}
+
+impl Processor {
+    /// The consuming phase.
+    async fn consume(
+        &mut self,
+        source: &mut Source,
+        config: &Config,
+        options: RunOptions,
+        fatal: &mut Fatal,
+    ) -> Result<StopReason, PipelineError> {
+        let tick_period = (config.scoring.coalesce / 4).clamp(Duration::from_millis(1), TICK_MAX);
+        let mut coalesce = interval(tick_period);
+        let mut commit = interval(config.kafka.commit_interval);
+        let mut housekeeping = interval(HOUSEKEEPING_PERIOD);
+        let mut caught_up = interval(CAUGHT_UP_PERIOD);
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            // Unbiased: tokio picks among ready branches at random, so neither a backlog of
+            // records nor the timers can starve the other.
+            tokio::select! {
+                err = fatal.next() => return Err(err),
+                () = &mut shutdown => return Ok(StopReason::Signal),
+                _ = coalesce.tick() => self.dispatch_due(source.consumer())?,
+                _ = commit.tick() => self.commit(source.consumer(), CommitMode::Async).await?,
+                _ = housekeeping.tick() => self.housekeeping(source.consumer()).await,
+                _ = caught_up.tick(), if options.until_caught_up => {
+                    if self.is_caught_up(source).await {
+                        return Ok(StopReason::CaughtUp);
+                    }
+                }
+                polled = source.recv() => match polled {
+                    Polled::Record(message) => self.handle(&message).await,
+                    Polled::Error(err) => self.client_error(&err),
+                    Polled::Assigned { partitions, restored, committed } => {
+                        self.assigned(source.consumer(), &partitions, restored, committed);
+                    }
+                    Polled::Revoked { numbers, done, .. } => {
+                        self.revoked(source.consumer(), &numbers).await?;
+                        let _ = done.send(());
+                    }
+                    Polled::RestoreFailed(err) => return Err(err.into()),
+                },
+            }
+        }
+    }
+
+    /// One input record: decode, then window or DLQ.
+    async fn handle(&mut self, message: &OwnedMessage) {
+        self.health.broker_down.store(false, Ordering::SeqCst);
+        self.last_record = Instant::now();
+        self.records_in += 1;
+        let Some((topic, format)) = self.topics.get(message.topic()).cloned() else {
+            tracing::warn!(topic = message.topic(), "record from a topic not subscribed");
+            return;
+        };
+        if !self.held.contains(&message.partition()) {
+            // Read before its partition was revoked; the next owner reads it again.
+            return;
+        }
+        let partition = Partition { topic: topic.clone(), partition: message.partition() };
+        let offset = message.offset();
+        let before = self.store.watermark(&topic, message.partition());
+        self.tracker.lock().expect("offset tracker lock poisoned").open(&partition, offset, before);
+        metrics::counter!(m::RECORDS_IN, "topic" => topic.to_string()).increment(1);
+        let token = OffsetRef { partition, offset, timestamp_ms: message.timestamp().to_millis() };
+
+        let event = match source::decode(format, message.payload()) {
+            Ok(event) => event,
+            Err(rejection) => return self.reject(message, rejection, token).await,
+        };
+        let kind = event.kind().as_str();
+        let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
+        let applied = self.store.apply(event, lineage, token, Instant::now());
+        let after = self.store.watermark(&topic, message.partition());
+        if after != before {
+            let partition = Partition { topic: topic.clone(), partition: message.partition() };
+            self.tracker.lock().expect("offset tracker lock poisoned").watermark(&partition, after);
+        }
+        match applied {
+            Applied::Accepted => {
+                let labels = [("topic", topic.to_string()), ("kind", kind.to_owned())];
+                metrics::counter!(m::EVENTS_ACCEPTED, &labels).increment(1);
+            }
+            Applied::AlreadyApplied(released) => {
+                metrics::counter!(m::EVENTS_ALREADY_APPLIED, "topic" => topic.to_string())
+                    .increment(1);
+                if let Some(token) = released {
+                    let mut tracker = self.tracker.lock().expect("offset tracker lock poisoned");
+                    tracker.done(&token.partition, token.offset);
+                }
+            }
+            Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
+            Applied::OptedOut { user_key, partition, released } => {
+                metrics::counter!(m::EVENTS_OPTED_OUT, "topic" => topic.to_string()).increment(1);
+                if let Some(latest) = &self.latest {
+                    latest.remove(&user_key);
+                }
+                let owner = Owner { partition, epoch: self.store.epoch(partition) };
+                self.sink.tombstone(&user_key, owner, released).await;
+            }
+        }
+    }
+
+    /// Counts, logs and dead-letters a rejected record. One place for all rejections.
+    async fn reject(
+        &mut self,
+        message: &OwnedMessage,
+        rejection: crate::event::Rejection,
+        token: OffsetRef,
+    ) {
+        let topic = token.partition.topic.to_string();
+        let reason = rejection.reason.as_str();
+        metrics::counter!(m::RECORDS_REJECTED, "topic" => topic.clone(), "reason" => reason)
+            .increment(1);
+        self.rejections.note(&topic, reason, Instant::now());
+        tracing::debug!(
+            topic,
+            partition = token.partition.partition,
+            offset = token.offset,
+            reason,
+            "record rejected"
+        );
+        let payload = message.payload().unwrap_or_default();
+        self.sink.dead_letter(message.key(), payload, &rejection, token).await;
+    }
+
+    fn client_error(&self, err: &KafkaError) {
+        tracing::warn!(cause = %err, "consumer error");
+        if matches!(
+            err.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.health.broker_down.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Hands the users whose debounce has passed to the model workers, as many as the queue
+    /// has room for. While users are left waiting the input partitions are paused, so memory
+    /// stays bounded and the consumer keeps polling (and stays in its group).
+    fn dispatch_due(&mut self, consumer: &SourceConsumer) -> Result<(), PipelineError> {
+        let Some(sender) = &self.requests else { return Ok(()) };
+        let room = sender.capacity().unwrap_or(usize::MAX).saturating_sub(sender.len());
+        let (due, more) = self.store.take_due(Instant::now(), room);
+        for request in due {
+            // Only this task sends, so the room counted above is still there.
+            sender.try_send(request).map_err(|_| PipelineError::WorkersGone)?;
+        }
+        metrics::gauge!(m::SCORING_QUEUE_DEPTH).set(sender.len() as f64);
+        self.set_paused(consumer, more);
+        Ok(())
+    }
+
+    fn set_paused(&mut self, consumer: &SourceConsumer, pause: bool) {
+        if pause == self.paused && !pause {
+            return;
+        }
+        let Ok(assignment) = consumer.assignment() else { return };
+        let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+        if let Err(err) = result {
+            tracing::warn!(cause = %err, pause, "cannot pause or resume the input partitions");
+            return;
+        }
+        if pause != self.paused {
+            tracing::info!(paused = pause, queue = self.store.dirty(), "scoring backpressure");
+            metrics::gauge!(m::CONSUMER_PAUSED).set(f64::from(u8::from(pause)));
+        }
+        self.paused = pause;
+    }
+
+    /// The draining phase: score every dirty user, let the workers finish, wait for every
+    /// acknowledgement, commit, leave the group.
+    async fn drain(
+        &mut self,
+        source: &mut Source,
+        publisher: tokio::task::JoinHandle<()>,
+        fatal: &mut Fatal,
+    ) -> Result<(), PipelineError> {
+        // Requests no worker has started are taken back: their events stay uncommitted and
+        // are read again by the partitions' next owner, so the drain waits only for the
+        // batches under way, never for a backlog.
+        let taken_back: Vec<Request> = self.queued.drain().collect();
+        if let Some(skipped) = self.skipped.take() {
+            for request in &taken_back {
+                let _ = skipped.send(request.context.sequence);
+            }
+        }
+        self.requests = None;
+        tracing::info!(
+            taken_back = taken_back.len(),
+            unscored_users = self.store.dirty(),
+            "finishing the batches under way; unscored events stay uncommitted"
+        );
+        drop(taken_back);
+        let finish = async {
+            let _ = publisher.await;
+            self.sink.wait_idle().await;
+        };
+        tokio::select! {
+            biased;
+            err = fatal.next() => return Err(err),
+            () = finish => {}
+        }
+        source.stop();
+        self.commit(source.consumer(), CommitMode::Sync).await?;
+        source.consumer().unsubscribe();
+        Ok(())
+    }
+}
+
+/// Longest pause between coalescing checks.
+const TICK_MAX: Duration = Duration::from_millis(10);
+/// How often gauges, eviction, lag and the progress line are refreshed.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
+/// How often `until_caught_up` looks at the partitions' ends.
+const CAUGHT_UP_PERIOD: Duration = Duration::from_millis(500);
+/// Bound on the start-up metadata queries.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the broker's reachability is checked, and how long one check may take.
+const BROKER_PROBE_PERIOD: Duration = Duration::from_secs(2);
+const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A timer that, after a late tick, waits a whole period again instead of catching up.
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+    }
+}
