@@ -70,6 +70,8 @@ fn prometheus_scrapes_a_replay() {
 
     let mut processor = Processor::start(&config, false, dir.path().join("processor.log"));
     let early = readiness_until_ready(&http, &mut processor);
+    let reasons: BTreeSet<&str> = early.iter().map(|(_, body)| body.trim()).collect();
+    println!("/readyz before ready: {} answers, {reasons:?}", early.len());
     let prometheus = PrometheusServer::start(dir.path(), &http);
 
     let input = dir.path().join("events.jsonl");
@@ -127,11 +129,19 @@ fn prometheus_scrapes_a_replay() {
     prometheus.assert_rules_healthy();
     check_dashboard(&prometheus, &scrape);
 
-    // Readiness before assignment, seen from the start of the process.
+    // Readiness, seen from the start of the process: 503 with the reasons while the model
+    // loads, then while the group assigns partitions.
     assert!(
-        early.first().is_some_and(|(status, body)| *status == 503 && body.starts_with("not ready")),
-        "the first /readyz answer must be 503 with the reasons, got {:?}",
-        early.first()
+        early.iter().all(|(status, body)| *status == 503 && body.starts_with("not ready")),
+        "every /readyz answer before ready must be 503 with its reasons: {reasons:?}"
+    );
+    let loading = early.iter().position(|(_, body)| body.contains("model not loaded"));
+    let joining = early.iter().rposition(|(_, body)| {
+        body.contains("no partitions assigned") && !body.contains("model not loaded")
+    });
+    assert!(
+        loading.zip(joining).is_some_and(|(loading, joining)| loading < joining),
+        "expected 'model not loaded' answers, then 'no partitions assigned' ones: {reasons:?}"
     );
 
     check_lookup(&http, &broker, &topics.signals);
