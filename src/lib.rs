@@ -4,8 +4,8 @@
 //!
 //! - [`source`]: the consumer group over the input topics, the restore of assigned
 //!   partitions' state from the changelog, and decoding;
-//! - [`event`]: the validated event and its JSON and protobuf forms; [`privacy`]: user keys
-//!   and the scrubbing of free text;
+//! - [`event`]: the validated event, its JSON and protobuf forms and the input limits;
+//!   [`privacy`]: user keys and the scrubbing of free text;
 //! - [`window`]: per-user rolling windows, watermarks and coalescing; [`state`]: a window as a
 //!   changelog record;
 //! - [`render`] and [`tokenize`]: a window as model text and token ids;

@@ -47,6 +47,8 @@ pub const PRODUCE_SECONDS: &str = "mindstream_produce_seconds";
 pub const COMMIT_SECONDS: &str = "mindstream_commit_seconds";
 /// Offset commits that failed.
 pub const COMMIT_FAILURES: &str = "mindstream_commit_failures_total";
+/// Delete-user requests honoured. Labels: `topic`.
+pub const USERS_DELETED: &str = "mindstream_users_deleted_total";
 /// Consumer group rebalances. Labels: `kind` (`assign`, `revoke`).
 pub const REBALANCES: &str = "mindstream_rebalances_total";
 /// 1 while the input partitions are paused for scoring backpressure, else 0.
@@ -95,7 +97,7 @@ pub fn register_series(input_topics: &[String]) {
         metrics::counter!(REBALANCES, "kind" => kind).increment(0);
     }
     for topic in input_topics {
-        for name in [RECORDS_IN, EVENTS_OPTED_OUT, EVENTS_ALREADY_APPLIED] {
+        for name in [RECORDS_IN, EVENTS_OPTED_OUT, EVENTS_ALREADY_APPLIED, USERS_DELETED] {
             metrics::counter!(name, "topic" => topic.clone()).increment(0);
         }
     }
@@ -106,6 +108,7 @@ fn describe() {
     describe_counter!(EVENTS_ACCEPTED, Unit::Count, "Events accepted into windows.");
     describe_counter!(RECORDS_REJECTED, Unit::Count, "Records rejected to the dead-letter topic.");
     describe_counter!(EVENTS_OPTED_OUT, Unit::Count, "Events of opted-out users, not scored.");
+    describe_counter!(USERS_DELETED, Unit::Count, "Delete-user requests honoured.");
     describe_counter!(RECORDS_OUT, Unit::Count, "Signal records delivered.");
     describe_counter!(SIGNALS_OUT, Unit::Count, "Scores delivered, per signal.");
     describe_gauge!(ACTIVE_USERS, Unit::Count, "Users with state in memory.");

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::Config;
-use crate::event::json;
+use crate::config::{Config, LimitsConfig};
+use crate::event::{json, limits, Event, Format, Rejection};
 use crate::model::batcher::{self, BatchConfig};
 use crate::model::scorer::ModelError;
 use crate::model::LoadedModel;
@@ -49,6 +49,8 @@ pub struct OfflineStats {
     pub accepted: usize,
     pub rejected: BTreeMap<&'static str, usize>,
     pub opted_out: usize,
+    /// Delete-user requests honoured (the user has no record in the output).
+    pub deleted: usize,
     pub users: usize,
     pub records: usize,
 }
@@ -66,7 +68,7 @@ pub fn score_file(
     let mut store_config = StoreConfig::resolve(config, &card);
     store_config.changelog = false;
     let mut store: Store<()> = Store::new(store_config, Arc::new(key));
-    let mut stats = read_events(input, &mut store, rejects)?;
+    let mut stats = read_events(input, &config.limits, &mut store, rejects)?;
     stats.users = store.users();
 
     let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
@@ -105,8 +107,24 @@ pub fn score_file(
     Ok(stats)
 }
 
+/// The processor's checks on one line, in its order: the limits before parsing, the schema,
+/// the limits on the event, and duplicates. A line has no key and no broker timestamp, so
+/// its size is its value's, and event times are not checked against a broker's clock.
+fn admit(
+    limits: &LimitsConfig,
+    line: &[u8],
+    store: &Store<()>,
+    lineage: &Lineage,
+) -> Result<Event, Rejection> {
+    limits::check_record(limits, Format::Json, None, Some(line))?;
+    let event = limits::check_event(limits, json::decode(line)?, None)?;
+    limits::check_duplicate(limits, &event, |e| store.is_duplicate(e, lineage))?;
+    Ok(event)
+}
+
 fn read_events(
     input: &Path,
+    limits: &LimitsConfig,
     store: &mut Store<()>,
     rejects: Option<&Path>,
 ) -> Result<OfflineStats, OfflineError> {
@@ -132,7 +150,7 @@ fn read_events(
         }
         stats.lines += 1;
         let lineage = Lineage { topic: topic.clone(), partition: 0, offset: number as i64 };
-        let rejection = match json::decode(&line) {
+        let rejection = match admit(limits, &line, store, &lineage) {
             Err(rejection) => Some(rejection),
             Ok(event) => match store.apply(event, lineage, (), now) {
                 Applied::Accepted | Applied::AlreadyApplied(_) => {
@@ -142,6 +160,10 @@ fn read_events(
                 Applied::Late(rejection, ()) => Some(rejection),
                 Applied::OptedOut { .. } => {
                     stats.opted_out += 1;
+                    None
+                }
+                Applied::Deleted { .. } => {
+                    stats.deleted += 1;
                     None
                 }
             },

@@ -3,13 +3,16 @@
 //! Raw user ids and raw text never leave the process: outputs carry [`Pseudonymizer::key`]
 //! instead of the id, and review and search text is passed through [`scrub`] before it is
 //! stored in a window, so neither the model nor the changelog ever sees an e-mail address,
-//! phone number, card number or Chinese resident id number.
+//! phone number, card number or Chinese resident id number. [`scrub`] first [`normalize`]s the
+//! text (NFKC, whitespace to spaces, control and invisible characters removed), so full-width
+//! forms and characters hidden inside a number do not let personal data slip past it.
 
 use std::sync::LazyLock;
 
 use hmac::{Hmac, Mac};
 use regex::Regex;
 use sha2::Sha256;
+use unicode_normalization::UnicodeNormalization;
 
 /// Keyed hash of user ids (HMAC-SHA-256). The secret comes from a file or an environment
 /// variable and is never logged or printed.
@@ -102,8 +105,11 @@ static PHONE: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// Replaces personal data in `text` with placeholders: `[email]`, `[id]`, `[card]`, `[phone]`.
+/// The text is [`normalize`]d first, so full-width digits and `＠`, and digits split by
+/// invisible characters, are found too; what comes back is the text the model may see.
 pub fn scrub(text: &str) -> String {
-    let text = EMAIL.replace_all(text, "[email]");
+    let text = normalize(text);
+    let text = EMAIL.replace_all(&text, "[email]");
     let text = CN_ID.replace_all(&text, |caps: &regex::Captures| {
         if cn_id_checksum_ok(&caps[0]) {
             "[id]".to_owned()
@@ -120,6 +126,61 @@ pub fn scrub(text: &str) -> String {
     });
     PHONE.replace_all(&text, "[phone]").into_owned()
 }
+
+/// Free text as the patterns above and the model read it: folded to Unicode NFKC (full-width
+/// and other compatibility forms become their plain forms: `１３８` is `138`, `＠` is `@`),
+/// every kind of whitespace a plain space, other control characters and the invisible
+/// characters of [`is_invisible`] removed.
+pub fn normalize(text: &str) -> String {
+    text.nfkc()
+        .filter_map(|c| match c {
+            c if c.is_whitespace() => Some(' '),
+            c if c.is_control() || is_invisible(c) => None,
+            c => Some(c),
+        })
+        .collect()
+}
+
+/// Characters drawn as nothing, or that only steer how text around them is drawn: Unicode's
+/// format characters (general category Cf: zero-width space and joiners, word joiner, byte
+/// order mark, the bidirectional embeddings, overrides and isolates, soft hyphen, tags) and
+/// its other default-ignorable code points (variation selectors, Hangul fillers). Hidden in
+/// a number they would break it up for the patterns; around it they can disguise it.
+pub fn is_invisible(c: char) -> bool {
+    if c < '\u{ad}' {
+        return false;
+    }
+    INVISIBLE.iter().any(|&(first, last)| (first..=last).contains(&c))
+}
+
+/// The ranges of [`is_invisible`], in code point order.
+const INVISIBLE: [(char, char); 25] = [
+    ('\u{00ad}', '\u{00ad}'),
+    ('\u{034f}', '\u{034f}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061c}', '\u{061c}'),
+    ('\u{06dd}', '\u{06dd}'),
+    ('\u{070f}', '\u{070f}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08e2}', '\u{08e2}'),
+    ('\u{115f}', '\u{1160}'),
+    ('\u{17b4}', '\u{17b5}'),
+    ('\u{180b}', '\u{180f}'),
+    ('\u{200b}', '\u{200f}'),
+    ('\u{202a}', '\u{202e}'),
+    ('\u{2060}', '\u{206f}'),
+    ('\u{3164}', '\u{3164}'),
+    ('\u{fe00}', '\u{fe0f}'),
+    ('\u{feff}', '\u{feff}'),
+    ('\u{ffa0}', '\u{ffa0}'),
+    ('\u{fff0}', '\u{fffb}'),
+    ('\u{110bd}', '\u{110bd}'),
+    ('\u{110cd}', '\u{110cd}'),
+    ('\u{13430}', '\u{1343f}'),
+    ('\u{1bca0}', '\u{1bca3}'),
+    ('\u{1d173}', '\u{1d17a}'),
+    ('\u{e0000}', '\u{e0fff}'),
+];
 
 /// The Luhn check over the digits of `s`.
 pub fn luhn_ok(s: &str) -> bool {
@@ -191,5 +252,44 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(scrub(input), want, "{input}");
         }
+    }
+
+    #[test]
+    fn full_width_forms_are_folded_before_scrubbing() {
+        let cases = [
+            ("电话１３８００１３８０００，谢谢", "电话[phone],谢谢"),
+            ("手机：＋８６ １３９－１２３４－５６７８", "手机:[phone]"),
+            ("联系 ｗａｎｇ．ｌｅｉ＠ｅｘａｍｐｌｅ．ｃｎ 或者", "联系 [email] 或者"),
+            ("write to li.na＠example.com please", "write to [email] please"),
+            ("身份证１１０１０５１９４９１２３１００２Ｘ", "身份证[id]"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(scrub(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn invisible_characters_cannot_hide_personal_data() {
+        let cases = [
+            ("card 4111 1111\u{200b}1111 1111 thanks", "card [card] thanks"),
+            ("call \u{202e}13800138000\u{202c} now", "call [phone] now"),
+            ("138\u{2060}0013\u{feff}8000", "[phone]"),
+            ("mail\u{2066} jane\u{200d}@example.com\u{2069}", "mail [email]"),
+            ("tel\u{00ad}: 138-0013-8000", "tel: [phone]"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(scrub(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn normalize_keeps_scripts_and_emoji_and_drops_controls() {
+        assert_eq!(normalize("质量很好 👍 très bien"), "质量很好 👍 très bien");
+        let breaks = "line\none\r\ttab\u{85}nel\u{2028}sep";
+        assert_eq!(normalize(breaks), "line one  tab nel sep");
+        assert_eq!(normalize("bell\u{7}null\u{0}esc\u{1b}[31m"), "bellnullesc[31m");
+        assert_eq!(normalize("\u{202b}שלום\u{202c} ok"), "שלום ok");
+        assert_eq!(normalize("ｆｕｌｌ　ｗｉｄｔｈ"), "full width");
+        assert!(!normalize("a\u{200b}b\u{200c}c\u{200d}d\u{fe0f}").contains(is_invisible));
     }
 }

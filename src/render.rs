@@ -202,7 +202,7 @@ mod tests {
             body,
         };
         let lineage = Lineage { topic: "t".into(), partition: 0, offset: 0 };
-        WindowEvent::from_event(&event, lineage, &spec().window)
+        WindowEvent::from_event(&event, lineage, &spec().window).expect("a windowed kind")
     }
 
     fn click(action: Action, item: &str, price: Option<f64>) -> EventBody {

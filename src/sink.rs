@@ -100,6 +100,16 @@ pub struct Sink {
 /// Producer properties: idempotent, all replicas, Java-compatible key partitioning, and in
 /// exactly-once mode the transactional id; then the user's `kafka.client` and
 /// `kafka.producer` maps, which win.
+/// Producer properties for the operational subcommands (`replay`, `delete-user`): the
+/// processor's, without its transactional id, so that a tool run with a deployment's
+/// configuration never fences the running instance that owns that id.
+pub fn tool_producer_config(config: &Config) -> ClientConfig {
+    let mut client = producer_config(config);
+    client.remove("transactional.id");
+    client.remove("transaction.timeout.ms");
+    client
+}
+
 pub fn producer_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
@@ -208,6 +218,20 @@ impl Sink {
         let to = Target::Partition(self.changelog_topic.clone(), owner.partition);
         let record = Outgoing { to, key: user_key.as_bytes(), payload: &[], headers: None };
         self.send(vec![record], Some(owner), covers, || {}).await;
+    }
+
+    /// Erases a user: tombstones for `user_key` on the changelog and on the signal topic, so
+    /// that compaction removes both its state and its latest record; `covers` are released
+    /// when both are delivered.
+    pub async fn erase(&self, user_key: &str, owner: Owner, covers: Vec<OffsetRef>) {
+        let key = user_key.as_bytes();
+        let changelog = Target::Partition(self.changelog_topic.clone(), owner.partition);
+        let signals = Target::Keyed(self.signals_topic.clone());
+        let records = vec![
+            Outgoing { to: changelog, key, payload: &[], headers: None },
+            Outgoing { to: signals, key, payload: &[], headers: None },
+        ];
+        self.send(records, Some(owner), covers, || {}).await;
     }
 
     /// Sends a rejected record's original bytes to the DLQ with the reason and its source.
@@ -459,4 +483,23 @@ struct Outgoing<'a> {
     /// Empty for a tombstone.
     payload: &'a [u8],
     headers: Option<OwnedHeaders>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tools_never_take_the_processors_transactional_id() {
+        let env = [
+            ("MINDSTREAM__DELIVERY__MODE", "exactly_once"),
+            ("MINDSTREAM__DELIVERY__TRANSACTIONAL_ID", "mindstream-0"),
+        ];
+        let env = env.map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::load(None, env).expect("a valid exactly-once configuration");
+        assert_eq!(producer_config(&config).get("transactional.id"), Some("mindstream-0"));
+        let tool = tool_producer_config(&config);
+        assert_eq!(tool.get("transactional.id"), None);
+        assert_eq!(tool.get("enable.idempotence"), Some("true"));
+    }
 }

@@ -87,7 +87,7 @@ mod tests {
             body,
         };
         let lineage = Lineage { topic: "clicks".into(), partition: 2, offset: time };
-        WindowEvent::from_event(&event, lineage, &spec().window)
+        WindowEvent::from_event(&event, lineage, &spec().window).expect("a windowed kind")
     }
 
     #[test]

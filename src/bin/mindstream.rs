@@ -12,7 +12,7 @@ use mindstream::event::Format;
 use mindstream::http::Health;
 use mindstream::lookup::LatestSignals;
 use mindstream::model::LoadedModel;
-use mindstream::ops::{replay, summary, topics};
+use mindstream::ops::{delete, replay, summary, topics};
 use mindstream::pipeline::{self, RunOptions};
 use mindstream::privacy::Pseudonymizer;
 
@@ -61,6 +61,15 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
     },
+    /// Ask the processor to erase users: their state, changelog entry and latest signal record.
+    DeleteUser {
+        /// The shop's own user id (repeat for several users).
+        #[arg(long = "user-id", required = true)]
+        user_ids: Vec<String>,
+        /// Input topic to send the requests to; the first input topic by default.
+        #[arg(long)]
+        topic: Option<String>,
+    },
     /// Create the input, signal, DLQ and state changelog topics of the configuration.
     Topics {
         #[arg(long, default_value_t = 3)]
@@ -97,7 +106,7 @@ fn main() -> ExitCode {
         Command::Run { until_caught_up } => run(config, RunOptions { until_caught_up }),
         Command::Score { input, output, rejects } => score(&config, &input, &output, rejects),
         Command::Replay { input, topic, format, rate } => {
-            let client = mindstream::sink::producer_config(&config);
+            let client = mindstream::sink::tool_producer_config(&config);
             let replay =
                 replay::Replay { client: &client, input: &input, topic: &topic, format, rate };
             match replay.run() {
@@ -116,6 +125,7 @@ fn main() -> ExitCode {
                 Err(err) => cli::report(&err, EXIT_FAILURE),
             }
         }
+        Command::DeleteUser { user_ids, topic } => delete_users(&config, &user_ids, topic),
         Command::Topics { partitions, replication } => {
             let runtime = runtime();
             match runtime.block_on(topics::create(&config, partitions, replication)) {
@@ -135,6 +145,34 @@ fn main() -> ExitCode {
             print!("{}", config.redacted());
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn delete_users(config: &Config, user_ids: &[String], topic: Option<String>) -> ExitCode {
+    let input = match &topic {
+        Some(topic) => config.inputs.iter().find(|i| &i.topic == topic),
+        None => config.inputs.first(),
+    };
+    let Some(input) = input else {
+        eprintln!(
+            "error: {} is not an input topic of the configuration",
+            topic.as_deref().map_or("no topic".into(), |t| format!("`{t}`"))
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let events = match delete::requests(user_ids, mindstream::time::now_ms()) {
+        Ok(events) => events,
+        Err(err) => return cli::report(&err, EXIT_USAGE),
+    };
+    let client = mindstream::sink::tool_producer_config(config);
+    let runtime = runtime();
+    match runtime.block_on(delete::send(&client, &input.topic, input.format, &events)) {
+        Ok(sent) => {
+            // The raw ids are not logged; the event ids identify the requests.
+            tracing::info!(requests = sent, topic = %input.topic, "delete-user requests sent");
+            ExitCode::SUCCESS
+        }
+        Err(err) => cli::report(&err, EXIT_FAILURE),
     }
 }
 
@@ -225,7 +263,8 @@ fn score(config: &Config, input: &Path, output: &Path, rejects: Option<PathBuf>)
     match mindstream::offline::score_file(config, model, key, input, output, rejects.as_deref()) {
         Ok(stats) => {
             tracing::info!(lines = stats.lines, accepted = stats.accepted,
-                rejected = ?stats.rejected, opted_out = stats.opted_out, users = stats.users,
+                rejected = ?stats.rejected, opted_out = stats.opted_out, deleted = stats.deleted,
+                users = stats.users,
                 records = stats.records, "scored");
             ExitCode::SUCCESS
         }

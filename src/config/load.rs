@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 
 use super::{Config, DeliveryMode, DEFAULT_SESSION_TIMEOUT_MS, ENV_PREFIX};
 
+/// Deepest JSON nesting `limits.max_json_depth` may allow: serde_json refuses deeper input
+/// itself.
+const MAX_JSON_DEPTH: usize = 128;
+
 /// A configuration that cannot be used. Every variant names the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -140,6 +144,7 @@ impl Config {
             return Err(("http.signals_lookup_capacity", message));
         }
         self.validate_drain_timeout()?;
+        self.validate_limits()?;
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", err.to_string()));
         }
@@ -154,6 +159,31 @@ impl Config {
                 origin: String::new(),
                 message: "at least one input topic is required to run".into(),
             });
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), (&'static str, String)> {
+        let limits = &self.limits;
+        let at_least_one = [
+            ("limits.max_record_bytes", limits.max_record_bytes),
+            ("limits.max_json_depth", limits.max_json_depth),
+            ("limits.max_review_chars", limits.max_review_chars),
+            ("limits.max_query_chars", limits.max_query_chars),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err((key, "must be at least 1".into()));
+        }
+        if limits.max_json_depth > MAX_JSON_DEPTH {
+            let message = format!("must be at most {MAX_JSON_DEPTH}, the JSON parser's own bound");
+            return Err(("limits.max_json_depth", message));
+        }
+        if !(limits.max_price > 0.0 && limits.max_price <= MAX_PRICE_LIMIT) {
+            let message = format!("must be above zero and at most {MAX_PRICE_LIMIT:e}");
+            return Err(("limits.max_price", message));
+        }
+        if limits.max_past.is_zero() {
+            return Err(("limits.max_past", "must be longer than zero".into()));
         }
         Ok(())
     }
@@ -254,3 +284,7 @@ fn set_path(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Re
     node.insert(last.clone(), value);
     Ok(())
 }
+
+/// Highest `limits.max_price` allowed: prices are stored as `f32` and rendered as whole
+/// numbers, which stays exact in order of magnitude far below `f32::MAX` and `i64::MAX`.
+const MAX_PRICE_LIMIT: f64 = 1e15;

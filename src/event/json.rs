@@ -153,10 +153,11 @@ impl Incoming<'_> {
                 text: self.text.map(Cow::into_owned).ok_or(Rejection::missing("text"))?,
                 language: owned(self.language),
             }),
+            Some("delete_user") => EventBody::DeleteUser,
             Some(_) => {
                 return Err(Rejection::new(
                     RejectReason::UnknownKind,
-                    "field `kind` is not click, search or review",
+                    "field `kind` is not click, search, review or delete_user",
                 ))
             }
         };
@@ -216,6 +217,7 @@ pub fn encode(event: &Event) -> Vec<u8> {
             out.text = Some(&r.text);
             out.language = &r.language;
         }
+        EventBody::DeleteUser => {}
     }
     serde_json::to_vec(&out).expect("serialising plain fields cannot fail")
 }
@@ -319,5 +321,14 @@ mod tests {
         let line = br#"{"user_id":"u","event_id":"e","event_time":"alice@example.com"}"#;
         let err = decode(line).unwrap_err();
         assert!(!err.detail.contains("alice"), "{err}");
+    }
+
+    #[test]
+    fn a_discount_just_below_one_reads_back_exactly() {
+        let mut event = click();
+        if let EventBody::Click(c) = &mut event.body {
+            c.discount = Some(f64::from_bits(0x3FEF_FFFF_FFFF_FFFF));
+        }
+        assert_eq!(decode(&encode(&event)).unwrap(), event);
     }
 }

@@ -5,6 +5,7 @@
 //! record cannot be used. Rejections go to the dead-letter queue; nothing here panics on input.
 
 pub mod json;
+pub mod limits;
 pub mod protobuf;
 
 use std::fmt;
@@ -31,12 +32,15 @@ pub struct Event {
     pub body: EventBody,
 }
 
-/// The three event kinds.
+/// The event kinds: three that describe the shopper, and a request to forget them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EventBody {
     Click(Click),
     Search(Search),
     Review(Review),
+    /// Erase the user: state in memory and in the changelog, and the latest signal record
+    /// (a tombstone on the signal topic). Never windowed or scored.
+    DeleteUser,
 }
 
 /// What a user did to an item.
@@ -91,6 +95,7 @@ pub enum EventKind {
     Click,
     Search,
     Review,
+    DeleteUser,
 }
 
 impl EventKind {
@@ -99,6 +104,7 @@ impl EventKind {
             EventKind::Click => "click",
             EventKind::Search => "search",
             EventKind::Review => "review",
+            EventKind::DeleteUser => "delete_user",
         }
     }
 }
@@ -132,6 +138,7 @@ impl Event {
             EventBody::Click(_) => EventKind::Click,
             EventBody::Search(_) => EventKind::Search,
             EventBody::Review(_) => EventKind::Review,
+            EventBody::DeleteUser => EventKind::DeleteUser,
         }
     }
 
@@ -147,6 +154,7 @@ impl Event {
             EventBody::Click(c) => c.validate(),
             EventBody::Search(s) => check_optional_id("category_id", &s.category_id),
             EventBody::Review(r) => r.validate(),
+            EventBody::DeleteUser => Ok(()),
         }
     }
 }
@@ -224,16 +232,25 @@ pub enum RejectReason {
     Late,
     /// The record is larger than the configured maximum.
     TooLarge,
+    /// A review text or search query is longer than its configured maximum.
+    TooLong,
+    /// The event time lies too far before or after the record's broker timestamp.
+    TimeOutOfRange,
+    /// The user's window already holds an event with this `event_id`.
+    Duplicate,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::Malformed,
         RejectReason::MissingField,
         RejectReason::InvalidField,
         RejectReason::UnknownKind,
         RejectReason::Late,
         RejectReason::TooLarge,
+        RejectReason::TooLong,
+        RejectReason::TimeOutOfRange,
+        RejectReason::Duplicate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -244,6 +261,9 @@ impl RejectReason {
             RejectReason::UnknownKind => "unknown_kind",
             RejectReason::Late => "late",
             RejectReason::TooLarge => "too_large",
+            RejectReason::TooLong => "too_long",
+            RejectReason::TimeOutOfRange => "time_out_of_range",
+            RejectReason::Duplicate => "duplicate",
         }
     }
 }

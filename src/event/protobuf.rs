@@ -33,6 +33,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, Rejection> {
             text: r.text,
             language: r.language,
         }),
+        Some(pb::event::Body::DeleteUser(pb::DeleteUser {})) => EventBody::DeleteUser,
     };
     if wire.event_time_ms == 0 {
         return Err(Rejection::missing("event_time_ms"));
@@ -92,6 +93,7 @@ pub fn encode(event: &Event) -> Vec<u8> {
             text: r.text.clone(),
             language: r.language.clone(),
         }),
+        EventBody::DeleteUser => pb::event::Body::DeleteUser(pb::DeleteUser {}),
     };
     pb::Event {
         user_id: event.user_id.clone(),

@@ -162,7 +162,7 @@ pub fn otto(path: &Path) -> Result<Vec<Event>, ImportError> {
         }
         let session: OttoSession = serde_json::from_str(&line)
             .map_err(|e| line_error(path, number, format!("not an OTTO session: {e}")))?;
-        for (index, e) in session.events.iter().enumerate() {
+        for e in &session.events {
             let action = match e.kind.as_str() {
                 "clicks" => Action::View,
                 "carts" => Action::Cart,
@@ -173,7 +173,7 @@ pub fn otto(path: &Path) -> Result<Vec<Event>, ImportError> {
             };
             let event = click(
                 format!("otto:{}", session.session),
-                format!("otto-{}-{index}", session.session),
+                format!("otto-{}", events.len() + 1),
                 e.ts,
                 action,
                 &e.aid.to_string(),

@@ -21,9 +21,18 @@ pub struct LabelledReview {
     pub positive: bool,
 }
 
-fn review(user: String, item: &str, text: String, rating: Option<u8>, language: &str) -> Event {
+/// A review event. `event_id` must not be derived from the user id: explanations publish event
+/// ids, so an id that embeds the user id would carry it out of the process.
+fn review(
+    user: String,
+    event_id: String,
+    item: &str,
+    text: String,
+    rating: Option<u8>,
+    language: &str,
+) -> Event {
     Event {
-        event_id: format!("{user}-review"),
+        event_id,
         user_id: user,
         // Replaced by `space_in_time`; set here so that validation sees a real time.
         event_time_ms: REVIEW_EPOCH_MS,
@@ -61,7 +70,8 @@ pub fn reviews_zh(dir: &Path) -> Result<Vec<LabelledReview>, ImportError> {
             }
             let label = if positive { "pos" } else { "neg" };
             let user = format!("zhrev:{label}{}", index + 1);
-            let event = review(user, "zh-product", line.to_owned(), None, "zh");
+            let event_id = format!("zh-review-{}", reviews.len() + 1);
+            let event = review(user, event_id, "zh-product", line.to_owned(), None, "zh");
             let event = checked(event, &path, index + 1)?;
             reviews.push(LabelledReview { event, positive });
         }
@@ -114,7 +124,9 @@ pub fn reviews_en(zip_path: &Path) -> Result<Vec<LabelledReview>, ImportError> {
         let full = if title.is_empty() { text.to_owned() } else { format!("{title}. {text}") };
         let user = format!("enrev:{line}");
         let item = format!("clothing-{}", row.get(item).unwrap_or("").trim());
-        let event = checked(review(user, &item, full, Some(stars), "en"), zip_path, line)?;
+        let event_id = format!("en-review-{}", reviews.len() + 1);
+        let event = review(user, event_id, &item, full, Some(stars), "en");
+        let event = checked(event, zip_path, line)?;
         reviews.push(LabelledReview { event, positive: stars >= 4 });
     }
     Ok(space_in_time(reviews))

@@ -1,6 +1,7 @@
 //! Operational subcommands of `mindstream`: topic creation, replay of event files into
-//! Kafka, and a summary of what the signal topic holds.
+//! Kafka, a summary of what the signal topic holds, and delete-user requests.
 
+pub mod delete;
 pub mod replay;
 pub mod summary;
 pub mod topics;

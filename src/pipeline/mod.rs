@@ -42,6 +42,9 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::config::DeliveryMode;
+use crate::config::LimitsConfig;
+use crate::event::limits;
+use crate::event::{Event, Format, Rejection};
 use crate::http::Health;
 use crate::lookup::LatestSignals;
 use crate::metrics as m;
@@ -125,6 +128,10 @@ struct Processor {
     rejections: RejectionLog,
     /// Partitions whose lag gauge was set, to zero it once they are no longer assigned.
     lag_reported: std::collections::HashSet<Partition>,
+    /// What an input record may be beyond its schema.
+    limits: LimitsConfig,
+    /// Bytes of key and value a dead-letter record may carry.
+    dead_letter_room: usize,
 }
 
 /// Failures reported by tasks other than the consume loop.
@@ -221,6 +228,8 @@ pub async fn run(
         latest,
         rejections: RejectionLog::default(),
         lag_reported: std::collections::HashSet::new(),
+        limits: config.limits.clone(),
+        dead_letter_room: limits::dead_letter_room(&config),
     };
 
     let consumed = processor.consume(&mut source, &config, options, &mut fatal).await;
@@ -362,12 +371,12 @@ impl Processor {
         metrics::counter!(m::RECORDS_IN, "topic" => topic.to_string()).increment(1);
         let token = OffsetRef { partition, offset, timestamp_ms: message.timestamp().to_millis() };
 
-        let event = match source::decode(format, message.payload()) {
+        let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
+        let event = match self.admit(format, message, &lineage) {
             Ok(event) => event,
             Err(rejection) => return self.reject(message, rejection, token).await,
         };
         let kind = event.kind().as_str();
-        let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
         let applied = self.store.apply(event, lineage, token, Instant::now());
         let after = self.store.watermark(&topic, message.partition());
         if after != before {
@@ -388,6 +397,14 @@ impl Processor {
                 }
             }
             Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
+            Applied::Deleted { user_key, partition, released } => {
+                metrics::counter!(m::USERS_DELETED, "topic" => topic.to_string()).increment(1);
+                if let Some(latest) = &self.latest {
+                    latest.remove(&user_key);
+                }
+                let owner = Owner { partition, epoch: self.store.epoch(partition) };
+                self.sink.erase(&user_key, owner, released).await;
+            }
             Applied::OptedOut { user_key, partition, released } => {
                 metrics::counter!(m::EVENTS_OPTED_OUT, "topic" => topic.to_string()).increment(1);
                 if let Some(latest) = &self.latest {
@@ -399,13 +416,27 @@ impl Processor {
         }
     }
 
-    /// Counts, logs and dead-letters a rejected record. One place for all rejections.
-    async fn reject(
-        &mut self,
+    /// Decodes a record under the input limits ([`limits`]): size and JSON nesting before it
+    /// is parsed, then the schema, the limits on the event (text, time around the record's
+    /// broker timestamp), and an `event_id` already in the user's window.
+    fn admit(
+        &self,
+        format: Format,
         message: &OwnedMessage,
-        rejection: crate::event::Rejection,
-        token: OffsetRef,
-    ) {
+        lineage: &Lineage,
+    ) -> Result<Event, Rejection> {
+        let limits = &self.limits;
+        limits::check_record(limits, format, message.key(), message.payload())?;
+        let event = source::decode(format, message.payload())?;
+        let event = limits::check_event(limits, event, message.timestamp().to_millis())?;
+        limits::check_duplicate(limits, &event, |e| self.store.is_duplicate(e, lineage))?;
+        Ok(event)
+    }
+
+    /// Counts, logs and dead-letters a rejected record. One place for all rejections. The
+    /// dead-letter record carries the original key and value, or as much of them as the
+    /// producer can send (a record too large for it would otherwise stop the processor).
+    async fn reject(&mut self, message: &OwnedMessage, mut rejection: Rejection, token: OffsetRef) {
         let topic = token.partition.topic.to_string();
         let reason = rejection.reason.as_str();
         metrics::counter!(m::RECORDS_REJECTED, "topic" => topic.clone(), "reason" => reason)
@@ -418,8 +449,15 @@ impl Processor {
             reason,
             "record rejected"
         );
-        let payload = message.payload().unwrap_or_default();
-        self.sink.dead_letter(message.key(), payload, &rejection, token).await;
+        let original = message.payload().unwrap_or_default();
+        let (key, payload, cut) =
+            limits::fit_dead_letter(message.key(), original, self.dead_letter_room);
+        if cut {
+            let kept = key.map_or(0, <[u8]>::len) + payload.len();
+            let note = format!("; the dead-letter record keeps its first {kept} bytes");
+            rejection.detail.push_str(&note);
+        }
+        self.sink.dead_letter(key, payload, &rejection, token).await;
     }
 
     fn client_error(&self, err: &KafkaError) {

@@ -134,7 +134,9 @@ pub fn examples(
         let mut state: Option<UserState> = None;
         for (index, event) in history.iter().enumerate() {
             let lineage = Lineage { topic: topic.clone(), partition: 0, offset: index as i64 };
-            let stored = WindowEvent::from_event(event, lineage, &spec.window);
+            let Some(stored) = WindowEvent::from_event(event, lineage, &spec.window) else {
+                continue;
+            };
             match &mut state {
                 Some(state) => state.apply(stored, spec),
                 None => state = Some(UserState::new(stored, spec)),
@@ -188,7 +190,7 @@ pub fn review_examples(
             let time_ms = review.event.event_time_ms;
             let split = plan.split(time_ms, 0)?;
             let lineage = Lineage { topic: topic.clone(), partition: 0, offset: 0 };
-            let stored = WindowEvent::from_event(&review.event, lineage, &spec.window);
+            let stored = WindowEvent::from_event(&review.event, lineage, &spec.window)?;
             let state = UserState::new(stored, spec);
             let mut labels = vec![None; outputs];
             labels[signal] = Some(review.positive);

@@ -212,7 +212,7 @@ mod tests {
             .map(|events| {
                 let mut stored = events
                     .iter()
-                    .map(|e| WindowEvent::from_event(e, lineage.clone(), &spec.window));
+                    .filter_map(|e| WindowEvent::from_event(e, lineage.clone(), &spec.window));
                 let mut state = UserState::new(stored.next().unwrap(), &spec);
                 stored.for_each(|e| state.apply(e, &spec));
                 let segments = crate::render::render(&state);

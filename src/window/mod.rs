@@ -5,7 +5,8 @@
 //! processor and the training binary both build windows through [`UserState::apply`], so the
 //! model sees the same inputs in training and in production.
 //!
-//! Text is scrubbed of personal data and cut to `max_text_chars` when an event enters the
+//! Text (review text, a search's query and sort order) is normalised and scrubbed of personal
+//! data ([`crate::privacy::scrub`]) and cut to `max_text_chars` when an event enters the
 //! window; raw text is never stored.
 
 use std::collections::VecDeque;
@@ -76,8 +77,9 @@ pub enum Detail {
 }
 
 impl WindowEvent {
-    /// Builds the stored form of `event`, scrubbing and bounding its text.
-    pub fn from_event(event: &Event, lineage: Lineage, spec: &WindowSpec) -> WindowEvent {
+    /// Builds the stored form of `event`, scrubbing and bounding its text; `None` for a
+    /// request that is never windowed (a deletion).
+    pub fn from_event(event: &Event, lineage: Lineage, spec: &WindowSpec) -> Option<WindowEvent> {
         let bounded = |text: &str| -> Box<str> {
             let clean = scrub(text).replace(['\n', '\r', '\t'], " ");
             clean.chars().take(spec.max_text_chars).collect::<String>().into_boxed_str()
@@ -96,7 +98,7 @@ impl WindowEvent {
             EventBody::Search(s) => (
                 "",
                 s.category_id.as_str(),
-                Detail::Search { query: bounded(&s.query), sort: s.sort.as_str().into() },
+                Detail::Search { query: bounded(&s.query), sort: bounded(&s.sort) },
             ),
             EventBody::Review(r) => (
                 r.item_id.as_str(),
@@ -107,15 +109,16 @@ impl WindowEvent {
                     language: r.language.as_str().into(),
                 },
             ),
+            EventBody::DeleteUser => return None,
         };
-        WindowEvent {
+        Some(WindowEvent {
             event_id: event.event_id.as_str().into(),
             event_time_ms: event.event_time_ms,
             item_id: item_id.into(),
             category_id: category_id.into(),
             detail,
             lineage,
-        }
+        })
     }
 
     pub fn is_buy(&self) -> bool {
@@ -394,7 +397,7 @@ mod tests {
             }),
         };
         let lineage = Lineage { topic: "t".into(), partition: 0, offset: minute };
-        WindowEvent::from_event(&event, lineage, &spec().window)
+        WindowEvent::from_event(&event, lineage, &spec().window).expect("a windowed kind")
     }
 
     fn ids(state: &UserState) -> Vec<&str> {
@@ -475,7 +478,7 @@ mod tests {
             }),
         };
         let lineage = Lineage { topic: "t".into(), partition: 0, offset: 0 };
-        let stored = WindowEvent::from_event(&event, lineage, &spec().window);
+        let stored = WindowEvent::from_event(&event, lineage, &spec().window).expect("a review");
         match stored.detail {
             Detail::Review { text, .. } => assert_eq!(&*text, "[email] broke after "),
             other => panic!("{other:?}"),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::DeliveryMode;
-use crate::event::{Event, RejectReason, Rejection};
+use crate::event::{Event, EventBody, RejectReason, Rejection};
 use crate::model::batcher::ScoreRequest;
 use crate::privacy::Pseudonymizer;
 use crate::render;
@@ -121,6 +121,9 @@ pub enum Applied<T> {
     /// The user opted out: state dropped; the caller writes a tombstone for `user_key` and
     /// releases these tokens (this event's included) when it is delivered.
     OptedOut { user_key: String, partition: i32, released: Vec<T> },
+    /// A request to erase the user: state dropped; the caller writes tombstones for `user_key`
+    /// to the changelog and the signal topic and releases these tokens when they are delivered.
+    Deleted { user_key: String, partition: i32, released: Vec<T> },
 }
 
 /// A user dropped from the store whose changelog entry must be deleted.
@@ -201,8 +204,33 @@ impl<T> Store<T> {
         &self.config
     }
 
+    /// Whether the user's window already holds an event with this `event_id` that came from
+    /// another record: a duplicate, to be rejected. A record read again after a restore is
+    /// not one (its lineage is the held event's). Ids that have left the window are not
+    /// remembered.
+    pub fn is_duplicate(&self, event: &Event, lineage: &Lineage) -> bool {
+        let Some(tracked) = self.users.get(&self.pseudonymizer.key(&event.user_id)) else {
+            return false;
+        };
+        let id = event.event_id.as_str();
+        tracked.state.events().iter().any(|held| held.event_id == id && held.lineage != *lineage)
+    }
+
     /// Applies one event from the partition named in `lineage`.
     pub fn apply(&mut self, event: Event, lineage: Lineage, token: T, now: Instant) -> Applied<T> {
+        // A deletion or an opt-out is honoured however late it comes, is never windowed, and
+        // does not move the partition's watermark.
+        if matches!(event.body, EventBody::DeleteUser) || event.opt_out {
+            let user_key = self.pseudonymizer.key(&event.user_id);
+            let mut released = self.users.remove(&user_key).map_or(Vec::new(), |t| t.pending);
+            released.push(token);
+            let partition = lineage.partition;
+            return if event.opt_out && !matches!(event.body, EventBody::DeleteUser) {
+                Applied::OptedOut { user_key, partition, released }
+            } else {
+                Applied::Deleted { user_key, partition, released }
+            };
+        }
         let source = (lineage.topic.clone(), lineage.partition);
         let newest = self.newest.entry(source).or_insert(i64::MIN);
         if *newest != i64::MIN && event.event_time_ms < *newest - self.config.allowed_lateness_ms {
@@ -215,13 +243,11 @@ impl<T> Store<T> {
         *newest = (*newest).max(event.event_time_ms);
 
         let user_key = self.pseudonymizer.key(&event.user_id);
-        if event.opt_out {
-            let mut released = self.users.remove(&user_key).map_or(Vec::new(), |t| t.pending);
-            released.push(token);
-            return Applied::OptedOut { user_key, partition: lineage.partition, released };
-        }
-
-        let stored = WindowEvent::from_event(&event, lineage.clone(), &self.config.state.window);
+        let Some(stored) =
+            WindowEvent::from_event(&event, lineage.clone(), &self.config.state.window)
+        else {
+            unreachable!("deletions return above");
+        };
         match self.users.get_mut(&user_key) {
             Some(tracked) => {
                 let outcome = if tracked.already_applied(&lineage) {
@@ -510,6 +536,50 @@ mod tests {
     }
 
     #[test]
+    fn delete_request_drops_state_however_late_it_comes() {
+        let mut store = store(1_000);
+        let now = Instant::now();
+        store.apply(event("u", 10_000_000), lineage(0, 0), 0, now);
+        // Far behind the partition's newest event, which would make any other event late.
+        let mut erase = event("u", 1);
+        erase.body = EventBody::DeleteUser;
+        match store.apply(erase, lineage(0, 1), 1, now) {
+            Applied::Deleted { user_key, partition, released } => {
+                assert_eq!(released, [0, 1], "the user's held tokens and the request's own");
+                assert_eq!(partition, 0);
+                assert_eq!(user_key, store.pseudonymizer.key("u"));
+            }
+            _ => panic!("expected a deletion"),
+        }
+        assert_eq!(store.users(), 0);
+        assert!(store.take_all().is_empty(), "nothing left to score");
+
+        let mut unknown = event("never-seen", 5);
+        unknown.body = EventBody::DeleteUser;
+        let applied = store.apply(unknown, lineage(0, 2), 2, now);
+        assert!(matches!(applied, Applied::Deleted { released, .. } if released == [2]));
+    }
+
+    #[test]
+    fn a_late_opt_out_is_honoured_and_does_not_move_the_watermark() {
+        let mut store = store(1_000);
+        let now = Instant::now();
+        store.apply(event("u", 10_000_000), lineage(0, 0), 0, now);
+        store.apply(event("v", 10_000_000), lineage(0, 1), 1, now);
+        let mut quit = event("u", 1);
+        quit.opt_out = true;
+        assert!(matches!(store.apply(quit, lineage(0, 2), 2, now), Applied::OptedOut { .. }));
+        let mut future = event("v", 90_000_000_000);
+        future.opt_out = true;
+        assert!(matches!(store.apply(future, lineage(0, 3), 3, now), Applied::OptedOut { .. }));
+        let next = store.apply(event("w", 10_000_001), lineage(0, 4), 4, now);
+        assert!(
+            matches!(next, Applied::Accepted),
+            "an opt-out dated far ahead must not make the next event late"
+        );
+    }
+
+    #[test]
     fn opt_out_drops_state_and_releases_tokens() {
         let mut store = store(1_000);
         let now = Instant::now();
@@ -622,5 +692,18 @@ mod tests {
             _ => panic!("expected the token back"),
         }
         assert!(second.take_all().is_empty(), "nothing to score: its signal was committed");
+    }
+
+    #[test]
+    fn a_second_record_with_a_held_event_id_is_a_duplicate() {
+        let mut store = store(0);
+        let now = Instant::now();
+        let first = event("u", 1_000);
+        assert!(!store.is_duplicate(&first, &lineage(0, 0)));
+        store.apply(first.clone(), lineage(0, 0), 0, now);
+        assert!(store.is_duplicate(&first, &lineage(0, 1)), "another record, same id");
+        assert!(!store.is_duplicate(&first, &lineage(0, 0)), "the same record read again");
+        let other_user = Event { user_id: "v".into(), ..first };
+        assert!(!store.is_duplicate(&other_user, &lineage(0, 2)), "ids are per user");
     }
 }

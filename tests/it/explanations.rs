@@ -50,7 +50,7 @@ fn window(card: &ModelCard, events: &[Event]) -> UserState {
     };
     let lineage = Lineage { topic: Arc::from("test"), partition: 0, offset: 0 };
     let mut events =
-        events.iter().map(|e| WindowEvent::from_event(e, lineage.clone(), &spec.window));
+        events.iter().filter_map(|e| WindowEvent::from_event(e, lineage.clone(), &spec.window));
     let first = events.next().expect("a user has events");
     let mut state = UserState::new(first, &spec);
     for event in events {

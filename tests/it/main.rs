@@ -1,6 +1,7 @@
 //! Integration tests: the real binaries against a real Kafka-protocol broker (Tansu), the
 //! shipped model, and real public data.
 
+mod bad_input;
 mod cli;
 mod delivery;
 mod deploy;
@@ -8,4 +9,6 @@ mod explanations;
 mod kafka_path;
 mod observability;
 mod precision;
+mod privacy;
 mod support;
+mod tls;
