@@ -72,6 +72,27 @@ fn redaction_hides_secrets() {
 }
 
 #[test]
+fn redaction_hides_tls_and_sasl_secrets_but_not_locations() {
+    let text = format!(
+        "{MINIMAL}\n[kafka.client]\n\
+         \"security.protocol\" = \"sasl_ssl\"\n\
+         \"ssl.ca.location\" = \"/etc/kafka/ca.pem\"\n\
+         \"ssl.key.password\" = \"secret-1\"\n\
+         \"ssl.key.pem\" = \"secret-2\"\n\
+         \"ssl.keystore.password\" = \"secret-3\"\n\
+         \"sasl.password\" = \"secret-4\"\n\
+         \"sasl.oauthbearer.client.secret\" = \"secret-5\"\n\
+         [kafka.producer]\n\"ssl.key.pem\" = \"secret-6\"\n\
+         [kafka.consumer]\n\"sasl.password\" = \"secret-7\"\n"
+    );
+    let config = load(&text, &[("MINDSTREAM__KAFKA__CLIENT__SSL_KEY_PASSWORD", "secret-8")]);
+    let printed = config.unwrap().redacted();
+    assert!(!printed.contains("secret-"), "{printed}");
+    assert_eq!(printed.matches("<redacted>").count(), 7, "{printed}");
+    assert!(printed.contains("/etc/kafka/ca.pem") && printed.contains("sasl_ssl"), "{printed}");
+}
+
+#[test]
 fn drain_timeout_must_undercut_the_session_timeout() {
     let env = [("MINDSTREAM__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000")];
     let err = load(MINIMAL, &env).unwrap_err();
