@@ -73,6 +73,15 @@ if [ ! -x "$prometheus" ]; then
   rm -f "$debs"/prometheus_*.deb
 fi
 
+# cargo-fuzz for the fuzz targets in fuzz/ (scripts/fuzz.sh), built by `cargo install` from
+# Cargo's registry into .tools/cargo; the targets themselves are built by scripts/fuzz.sh.
+cargo_fuzz="$tools/cargo/bin/cargo-fuzz"
+if [ ! -x "$cargo_fuzz" ]; then
+  log "installing cargo-fuzz with cargo install"
+  cargo install --quiet --locked --root "$tools/cargo" cargo-fuzz@0.13.2
+fi
+
 log "ONNX Runtime: $ort_lib"
 log "Tansu broker: $tools/bin/tansu"
 log "Prometheus: $prometheus"
+log "cargo-fuzz: $cargo_fuzz"
