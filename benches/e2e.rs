@@ -33,7 +33,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -424,13 +424,13 @@ impl Lane {
     }
 
     fn scrape(&self) -> Option<Metrics> {
-        let body = http_get(&self.http, "/metrics")?;
+        let body = common::http_get(&self.http, "/metrics")?;
         Some(Metrics::parse(&body))
     }
 
     fn wait_ready(&self, processor: &mut Processor) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(&self.http, "/readyz").is_none_or(|b| !b.starts_with("ready")) {
+        while common::http_get(&self.http, "/readyz").is_none_or(|b| !b.starts_with("ready")) {
             assert!(processor.0.try_wait().expect("status").is_none(), "the processor exited");
             assert!(Instant::now() < deadline, "the processor did not get ready");
             std::thread::sleep(Duration::from_millis(100));
@@ -539,17 +539,6 @@ impl Metrics {
     fn sum(&self, name: &str) -> f64 {
         self.0.get(name).copied().unwrap_or(0.0)
     }
-}
-
-fn http_get(address: &str, path: &str) -> Option<String> {
-    let mut stream = std::net::TcpStream::connect(address).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.lines().next()?;
-    status.split_whitespace().nth(1).is_some_and(|code| code == "200").then(|| body.to_owned())
 }
 
 /// One record read back: partition, offset, payload, broker timestamp.

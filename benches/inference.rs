@@ -192,7 +192,7 @@ fn taobao_windows(users: usize, window: &mindstream::window::WindowSpec) -> Vec<
         .take(users)
         .map(|events| {
             let mut stored =
-                events.iter().map(|e| WindowEvent::from_event(e, lineage.clone(), window));
+                events.iter().filter_map(|e| WindowEvent::from_event(e, lineage.clone(), window));
             let mut state = UserState::new(stored.next().expect("three events"), &spec);
             stored.for_each(|e| state.apply(e, &spec));
             state

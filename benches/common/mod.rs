@@ -95,6 +95,19 @@ impl Drop for Broker {
     }
 }
 
+/// The body of a plain HTTP/1.0 GET of `path` on `address` when it answers 200.
+pub fn http_get(address: &str, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.lines().next()?;
+    status.split_whitespace().nth(1).is_some_and(|code| code == "200").then(|| body.to_owned())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
 }
