@@ -57,7 +57,7 @@ use crate::source::{self, Polled, RestoreError, Shared, Source, SourceConsumer, 
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
-use self::publish::{publish, Done};
+use self::publish::{publish, Done, Erasure, Sequenced};
 use self::rejections::RejectionLog;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -106,8 +106,9 @@ struct Processor {
     /// The same queue's receiving end, to take back requests no worker has started when
     /// draining.
     queued: flume::Receiver<Request>,
-    /// Sequence numbers of requests taken back, for the publisher's ordering.
-    skipped: Option<mpsc::UnboundedSender<u64>>,
+    /// Entries of the request order without a scoring (requests taken back, tombstones), for
+    /// the publisher; dropped when draining.
+    sequenced: Option<mpsc::UnboundedSender<Sequenced>>,
     health: Arc<Health>,
     mode: DeliveryMode,
     /// Longest a revocation waits for the producer.
@@ -122,8 +123,6 @@ struct Processor {
     paused: bool,
     /// Records read since start, for the progress log.
     records_in: u64,
-    /// Latest record per user for the HTTP lookup; opt-outs are taken out of it.
-    latest: Option<Arc<LatestSignals>>,
     /// Rejections waiting for their log line.
     rejections: RejectionLog,
     /// Partitions whose lag gauge was set, to zero it once they are no longer assigned.
@@ -177,7 +176,7 @@ pub async fn run(
 
     let (request_tx, request_rx) = flume::bounded(config.scoring.queue_capacity);
     let (result_tx, result_rx) = flume::bounded(config.scoring.queue_capacity);
-    let (skipped_tx, skipped_rx) = mpsc::unbounded_channel();
+    let (sequenced_tx, sequenced_rx) = mpsc::unbounded_channel();
     let batch = BatchConfig::new(&config.scoring, card.max_tokens);
     let queued = request_rx.clone();
     let workers =
@@ -185,7 +184,7 @@ pub async fn run(
     health.model_loaded.store(true, Ordering::SeqCst);
     let (model_fatal, model_errors) = mpsc::unbounded_channel();
     let explain_top = config.scoring.explain_top;
-    let done = Done { results: result_rx, skipped: skipped_rx };
+    let done = Done { results: result_rx, sequenced: sequenced_rx };
     let publisher = tokio::spawn(publish(
         done,
         sink.clone(),
@@ -216,7 +215,7 @@ pub async fn run(
         sink,
         requests: Some(request_tx),
         queued,
-        skipped: Some(skipped_tx),
+        sequenced: Some(sequenced_tx),
         health,
         mode: config.delivery.mode,
         drain_timeout: config.shutdown.drain_timeout,
@@ -225,7 +224,6 @@ pub async fn run(
         last_record: Instant::now(),
         paused: false,
         records_in: 0,
-        latest,
         rejections: RejectionLog::default(),
         lag_reported: std::collections::HashSet::new(),
         limits: config.limits.clone(),
@@ -399,20 +397,24 @@ impl Processor {
             Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
             Applied::Deleted { user_key, partition, released } => {
                 metrics::counter!(m::USERS_DELETED, "topic" => topic.to_string()).increment(1);
-                if let Some(latest) = &self.latest {
-                    latest.remove(&user_key);
-                }
-                let owner = Owner { partition, epoch: self.store.epoch(partition) };
-                self.sink.erase(&user_key, owner, released).await;
+                self.erase(user_key, partition, released, true);
             }
             Applied::OptedOut { user_key, partition, released } => {
                 metrics::counter!(m::EVENTS_OPTED_OUT, "topic" => topic.to_string()).increment(1);
-                if let Some(latest) = &self.latest {
-                    latest.remove(&user_key);
-                }
-                let owner = Owner { partition, epoch: self.store.epoch(partition) };
-                self.sink.tombstone(&user_key, owner, released).await;
+                self.erase(user_key, partition, released, false);
             }
+        }
+    }
+
+    /// Queues a user's tombstones behind the scorings already requested (see
+    /// [`Sequenced::Erase`]).
+    fn erase(&mut self, user_key: String, partition: i32, released: Vec<OffsetRef>, all: bool) {
+        let owner = Owner { partition, epoch: self.store.epoch(partition) };
+        let sequence = self.store.reserve_sequence();
+        let erasure = Erasure { sequence, user_key, owner, released, signals_too: all };
+        if let Some(sequenced) = &self.sequenced {
+            // The publisher outlives the consuming phase, when nothing else sends here.
+            let _ = sequenced.send(Sequenced::Erase(erasure));
         }
     }
 
@@ -515,9 +517,9 @@ impl Processor {
         // are read again by the partitions' next owner, so the drain waits only for the
         // batches under way, never for a backlog.
         let taken_back: Vec<Request> = self.queued.drain().collect();
-        if let Some(skipped) = self.skipped.take() {
+        if let Some(skipped) = self.sequenced.take() {
             for request in &taken_back {
-                let _ = skipped.send(request.context.sequence);
+                let _ = skipped.send(Sequenced::Skipped(request.context.sequence));
             }
         }
         self.requests = None;

@@ -216,6 +216,14 @@ impl<T> Store<T> {
         tracked.state.events().iter().any(|held| held.event_id == id && held.lineage != *lineage)
     }
 
+    /// Takes the next request sequence number for an entry that is published in request
+    /// order without a scoring (a user's tombstones).
+    pub fn reserve_sequence(&mut self) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        sequence
+    }
+
     /// Applies one event from the partition named in `lineage`.
     pub fn apply(&mut self, event: Event, lineage: Lineage, token: T, now: Instant) -> Applied<T> {
         // A deletion or an opt-out is honoured however late it comes, is never windowed, and
