@@ -113,8 +113,9 @@ async fn user_signals(State(state): State<AppState>, Path(key): Path<String>) ->
             .into_response();
     }
     match latest.get(&key) {
-        Some(json) => {
-            ([(header::CONTENT_TYPE, "application/json")], json.to_string()).into_response()
+        Some(record) => {
+            let json = crate::signals::to_json(&record);
+            ([(header::CONTENT_TYPE, "application/json")], json).into_response()
         }
         None => (
             StatusCode::NOT_FOUND,

@@ -1,15 +1,18 @@
 //! The latest signal record per user, for the read-only `GET /users/{key}/signals` lookup.
 //!
-//! The publisher hands every delivered record in (as its JSON text); the HTTP server reads
-//! them out by pseudonymised key; opt-outs and deletions take a user out. Memory is bounded
-//! by `http.signals_lookup_capacity`: records are kept in two generations, the current one
-//! filling up to half the capacity, when the older one is dropped and the current one takes
-//! its place. A user whose record was delivered recently is therefore always found; one not
-//! scored for a while may have aged out. The signal topic, compacted by user key, stays the
-//! authoritative store of every user's latest record.
+//! The publisher hands every record in as it is published (no copy, no encoding); the HTTP
+//! server reads them out by pseudonymised key and encodes only what is asked for; opt-outs and
+//! deletions take a user out. Memory is bounded by `http.signals_lookup_capacity`: records are
+//! kept in two generations, the current one filling up to half the capacity, when the older
+//! one is dropped and the current one takes its place. A user whose record was delivered
+//! recently is therefore always found; one not scored for a while may have aged out. The
+//! signal topic, compacted by user key, stays the authoritative store of every user's latest
+//! record.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::signals::SignalRecord;
 
 /// The latest record of recently scored users; shared by the publisher and the HTTP server.
 pub struct LatestSignals {
@@ -21,8 +24,8 @@ pub struct LatestSignals {
 
 #[derive(Default)]
 struct Generations {
-    current: HashMap<String, Arc<str>>,
-    older: HashMap<String, Arc<str>>,
+    current: HashMap<String, Arc<SignalRecord>>,
+    older: HashMap<String, Arc<SignalRecord>>,
 }
 
 impl LatestSignals {
@@ -31,11 +34,11 @@ impl LatestSignals {
         LatestSignals { generations: Mutex::default(), generation_size: (capacity / 2).max(1) }
     }
 
-    /// Records `json` as the latest record of `user_key`.
-    pub fn insert(&self, user_key: &str, json: Arc<str>) {
+    /// Keeps `record` as the latest record of its user.
+    pub fn insert(&self, record: SignalRecord) {
         let mut generations = self.lock();
-        generations.older.remove(user_key);
-        generations.current.insert(user_key.to_owned(), json);
+        generations.older.remove(&record.user_key);
+        generations.current.insert(record.user_key.clone(), Arc::new(record));
         if generations.current.len() >= self.generation_size {
             let full = std::mem::take(&mut generations.current);
             generations.older = full;
@@ -43,7 +46,7 @@ impl LatestSignals {
     }
 
     /// The latest record of `user_key`, if it is still kept.
-    pub fn get(&self, user_key: &str) -> Option<Arc<str>> {
+    pub fn get(&self, user_key: &str) -> Option<Arc<SignalRecord>> {
         let generations = self.lock();
         generations.current.get(user_key).or_else(|| generations.older.get(user_key)).cloned()
     }
@@ -75,17 +78,33 @@ impl LatestSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signals::RecordLineage;
 
-    fn record(text: &str) -> Arc<str> {
-        Arc::from(text)
+    fn record(user_key: &str, version: u64) -> SignalRecord {
+        SignalRecord {
+            user_key: user_key.into(),
+            version,
+            model_version: "m".into(),
+            window_start_ms: 0,
+            window_end_ms: 0,
+            event_count: 1,
+            scores: Vec::new(),
+            interests: Vec::new(),
+            lineage: RecordLineage { topic: "t".into(), partition: 0, offset: 0 },
+            produced_at_ms: 0,
+        }
+    }
+
+    fn version(latest: &LatestSignals, user_key: &str) -> Option<u64> {
+        latest.get(user_key).map(|r| r.version)
     }
 
     #[test]
     fn latest_insert_wins() {
         let latest = LatestSignals::new(10);
-        latest.insert("u1", record("first"));
-        latest.insert("u1", record("second"));
-        assert_eq!(latest.get("u1").as_deref(), Some("second"));
+        latest.insert(record("u1", 1));
+        latest.insert(record("u1", 2));
+        assert_eq!(version(&latest, "u1"), Some(2));
         assert_eq!(latest.len(), 1);
     }
 
@@ -93,7 +112,7 @@ mod tests {
     fn never_holds_more_than_capacity_and_keeps_the_recent_half() {
         let latest = LatestSignals::new(100);
         for i in 0..1_000 {
-            latest.insert(&format!("u{i}"), record("r"));
+            latest.insert(record(&format!("u{i}"), 1));
             assert!(latest.len() <= 100, "{} users kept after {i} inserts", latest.len());
         }
         for i in 950..1_000 {
@@ -105,26 +124,26 @@ mod tests {
     #[test]
     fn a_user_in_the_older_generation_moves_forward_when_scored_again() {
         let latest = LatestSignals::new(4);
-        latest.insert("a", record("a1"));
-        latest.insert("b", record("b1"));
+        latest.insert(record("a", 1));
+        latest.insert(record("b", 1));
         // The current generation was full and is now the older one.
-        latest.insert("a", record("a2"));
-        latest.insert("c", record("c1"));
-        assert_eq!(latest.get("a").as_deref(), Some("a2"));
-        assert_eq!(latest.get("c").as_deref(), Some("c1"));
+        latest.insert(record("a", 2));
+        latest.insert(record("c", 1));
+        assert_eq!(version(&latest, "a"), Some(2));
+        assert_eq!(version(&latest, "c"), Some(1));
         assert!(latest.get("b").is_none(), "b aged out with the older generation");
     }
 
     #[test]
     fn removed_users_are_gone_from_both_generations() {
         let latest = LatestSignals::new(4);
-        latest.insert("a", record("a1"));
-        latest.insert("b", record("b1"));
-        latest.insert("c", record("c1"));
+        for user in ["a", "b", "c"] {
+            latest.insert(record(user, 1));
+        }
         latest.remove("a");
         latest.remove("c");
         assert!(latest.get("a").is_none());
         assert!(latest.get("c").is_none());
-        assert_eq!(latest.get("b").as_deref(), Some("b1"));
+        assert_eq!(version(&latest, "b"), Some(1));
     }
 }

@@ -95,7 +95,7 @@ pub(super) async fn publish(
                 Entry::Scored(scored) => {
                     let record = publish_one(&sink, &card, explain_top, *scored).await;
                     if let Some(latest) = &latest {
-                        latest.insert(&record.user_key, Arc::from(signals::to_json(&record)));
+                        latest.insert(record);
                     }
                 }
             }
