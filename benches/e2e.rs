@@ -392,15 +392,7 @@ impl Lane {
     }
 
     fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mindstream"));
-        command.arg("--config").arg(&self.config).env("MINDSTREAM_PSEUDONYM_KEY", KEY);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open the lane's log");
-        command.stdout(Stdio::null()).stderr(log);
-        command
+        common::mindstream(&self.config, &self.log, KEY)
     }
 
     fn replay(&self, file: &Path, rate: f64) {
@@ -429,12 +421,7 @@ impl Lane {
     }
 
     fn wait_ready(&self, processor: &mut Processor) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while common::http_get(&self.http, "/readyz").is_none_or(|b| !b.starts_with("ready")) {
-            assert!(processor.0.try_wait().expect("status").is_none(), "the processor exited");
-            assert!(Instant::now() < deadline, "the processor did not get ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::wait_ready(&self.http, &mut processor.0);
     }
 
     /// Waits until every event was read and no signal came for two seconds.

@@ -18,7 +18,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Broker;
@@ -52,7 +52,7 @@ fn main() {
     let broker = Broker::start();
     let lane = Lane::new(&broker, dir.path());
     let mut processor = lane.command().arg("run").spawn().expect("start the processor");
-    lane.wait_ready(&mut processor);
+    common::wait_ready(&lane.http, &mut processor);
 
     let started = Instant::now();
     let mut replay = lane
@@ -199,33 +199,11 @@ impl Lane {
     }
 
     fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mindstream"));
-        command.arg("--config").arg(&self.config).env("MINDSTREAM_PSEUDONYM_KEY", KEY);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open the log");
-        command.stdout(Stdio::null()).stderr(log);
-        command
-    }
-
-    fn wait_ready(&self, processor: &mut Child) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while common::http_get(&self.http, "/readyz").is_none_or(|b| !b.starts_with("ready")) {
-            assert!(processor.try_wait().expect("status").is_none(), "the processor exited");
-            assert!(Instant::now() < deadline, "the processor did not get ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::mindstream(&self.config, &self.log, KEY)
     }
 
     fn sample(&self, pid: u32, at: Duration) -> Sample {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024);
+        let rss = common::rss_bytes_of(&pid.to_string());
         let body = common::http_get(&self.http, "/metrics").unwrap_or_default();
         let metric = |name: &str| -> f64 {
             body.lines()

@@ -112,9 +112,38 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
 }
 
+/// A `mindstream` command with `config`, the key `key`, and its standard error appended to
+/// `log` (for when something fails).
+pub fn mindstream(config: &std::path::Path, log: &std::path::Path, key: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mindstream"));
+    command.arg("--config").arg(config).env("MINDSTREAM_PSEUDONYM_KEY", key);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open the processor's log");
+    command.stdout(Stdio::null()).stderr(log);
+    command
+}
+
+/// Waits until the processor serving `http` answers ready; fails if it exits first.
+pub fn wait_ready(http: &str, processor: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(http, "/readyz").is_none_or(|b| !b.starts_with("ready")) {
+        assert!(processor.try_wait().expect("status").is_none(), "the processor exited");
+        assert!(Instant::now() < deadline, "the processor did not get ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Resident memory of this process, from `/proc`.
 pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_bytes_of("self")
+}
+
+/// Resident memory of process `pid` (or `self`), from `/proc`.
+pub fn rss_bytes_of(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
