@@ -75,7 +75,10 @@ fn planted_personal_data_never_leaves_except_in_dlq_originals() {
     let rejected = [
         format!(r#"{{"user_id":"u-dlq-1","event_id":"d1","kind":"review","text":"{}"}}"#, pii[0]),
         format!(
-            r#"{{"user_id":"u-dlq-2","event_id":"d2","event_time":5,"kind":"teleport","text":"{}"}}"#,
+            concat!(
+                r#"{{"user_id":"u-dlq-2","event_id":"d2","event_time":5,"#,
+                r#""kind":"teleport","text":"{}"}}"#
+            ),
             pii[2]
         ),
         format!(
@@ -183,15 +186,7 @@ fn delete_user_and_opt_out_through_the_broker() {
 
     // The quitting user opts out once scored: their state goes, and they are scored no more.
     lane.replay(&opting_out, dir.path());
-    let deadline = Instant::now() + PATIENCE;
-    while !tombstones(&broker, &lane.changelog).contains_key(&keys[quitting]) {
-        assert!(
-            Instant::now() < deadline,
-            "no state tombstone after the opt-out\n{}",
-            processor.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_for_tombstone(&broker, &lane.changelog, &keys[quitting], &processor, "the opt-out");
     let lookup =
         |key: &str| support::http_get(&http, &format!("/users/{key}/signals")).map(|(s, _)| s);
     assert_eq!(lookup(&keys[erased]), Some(200), "the user is served before the deletion");
@@ -202,15 +197,7 @@ fn delete_user_and_opt_out_through_the_broker() {
         &support::run_with_limit(delete, Duration::from_secs(60)),
         "delete-user",
     );
-    let deadline = Instant::now() + PATIENCE;
-    while !tombstones(&broker, &lane.signals).contains_key(&keys[erased]) {
-        assert!(
-            Instant::now() < deadline,
-            "no tombstone for the deleted user\n{}",
-            processor.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_for_tombstone(&broker, &lane.signals, &keys[erased], &processor, "the deletion");
     assert_eq!(lookup(&keys[erased]), Some(404), "the lookup forgets a deleted user");
     assert_eq!(lookup(&keys[staying]), Some(200));
     let scrape = support::http_get(&http, "/metrics").map(|(_, b)| b).unwrap_or_default();
@@ -283,6 +270,19 @@ fn last_by_key(reads: &[Read]) -> BTreeMap<String, &Read> {
     last
 }
 
+/// Waits until the latest record of `key` on `topic` is a tombstone, written after `what`.
+fn wait_for_tombstone(broker: &Broker, topic: &str, key: &str, run: &Processor, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !tombstones(broker, topic).contains_key(key) {
+        assert!(
+            Instant::now() < deadline,
+            "no tombstone on {topic} after {what}\n{}",
+            run.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Keys whose latest record on `topic` is a tombstone.
 fn tombstones(broker: &Broker, topic: &str) -> BTreeMap<String, i64> {
     let reads = support::read_all(broker, topic);
@@ -313,7 +313,8 @@ impl Lane {
             &support::unique("group"),
             &format!(
                 "[[inputs]]\ntopic = \"{input}\"\nformat = \"json\"\n\
-                 [output]\nsignals_topic = \"{signals}\"\nformat = \"json\"\ndlq_topic = \"{dlq}\"\n\
+                 [output]\nsignals_topic = \"{signals}\"\nformat = \"json\"\n\
+                 dlq_topic = \"{dlq}\"\n\
                  [state]\nchangelog_topic = \"{changelog}\"\n\
                  [scoring]\ncoalesce = \"50ms\"\nexplain_candidates = 2\n\
                  [http]\nlisten = \"{http}\"\n\

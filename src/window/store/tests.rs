@@ -1,0 +1,262 @@
+//! Unit tests of the store: windows, coalescing, restores, opt-outs and deletions.
+
+use super::*;
+use crate::event::{Action, Click, EventBody};
+use crate::window::WindowSpec;
+
+fn store(coalesce_ms: u64) -> Store<i64> {
+    let config = StoreConfig {
+        state: StateSpec {
+            window: WindowSpec::default(),
+            user_ttl_ms: 86_400_000,
+            interest_half_life_ms: 86_400_000,
+            interests_tracked: 8,
+        },
+        allowed_lateness_ms: 60_000,
+        coalesce: Duration::from_millis(coalesce_ms),
+        explain_candidates: 2,
+        top_interests: 3,
+        changelog: true,
+        rescore_restored: true,
+    };
+    let key = Arc::new(Pseudonymizer::new(b"0123456789abcdef").unwrap());
+    Store::new(config, key)
+}
+
+fn event(user: &str, time_ms: i64) -> Event {
+    Event {
+        user_id: user.into(),
+        event_id: format!("{user}-{time_ms}"),
+        event_time_ms: time_ms,
+        opt_out: false,
+        body: EventBody::Click(Click {
+            action: Action::View,
+            item_id: "i".into(),
+            category_id: "c".into(),
+            price: None,
+            discount: None,
+            quantity: None,
+        }),
+    }
+}
+
+fn lineage(partition: i32, offset: i64) -> Lineage {
+    Lineage { topic: "t".into(), partition, offset }
+}
+
+#[test]
+fn a_burst_gives_one_scoring_with_every_token() {
+    let mut store = store(100);
+    let t0 = Instant::now();
+    for i in 0..5 {
+        let at = t0 + Duration::from_millis(i * 10);
+        assert!(matches!(
+            store.apply(event("u", 1_000_000 + i as i64), lineage(0, i as i64), i as i64, at),
+            Applied::Accepted
+        ));
+    }
+    assert!(store.take_due(t0 + Duration::from_millis(99), 10).0.is_empty());
+    let (due, more) = store.take_due(t0 + Duration::from_millis(100), 10);
+    assert!(!more);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].context.pending, [0, 1, 2, 3, 4]);
+    assert_eq!(due[0].context.facts.events.len(), 5);
+    assert_eq!(due[0].candidates, [3, 4]);
+    assert!(store.take_due(t0 + Duration::from_secs(10), 10).0.is_empty());
+}
+
+#[test]
+fn take_due_respects_the_limit() {
+    let mut store = store(0);
+    let now = Instant::now();
+    for user in ["a", "b", "c"] {
+        store.apply(event(user, 1_000), lineage(0, 0), 0, now);
+    }
+    let (first, more) = store.take_due(now, 2);
+    assert_eq!((first.len(), more), (2, true));
+    let (rest, more) = store.take_due(now, 2);
+    assert_eq!((rest.len(), more), (1, false));
+    let sequences: Vec<u64> = first.iter().chain(&rest).map(|r| r.context.sequence).collect();
+    assert_eq!(sequences, [0, 1, 2], "requests are numbered in the order they are made");
+}
+
+#[test]
+fn late_events_are_rejected_per_partition() {
+    let mut store = store(0);
+    let now = Instant::now();
+    store.apply(event("a", 10_000_000), lineage(0, 0), 0, now);
+    match store.apply(event("b", 10_000_000 - 61_000), lineage(0, 1), 1, now) {
+        Applied::Late(rejection, token) => {
+            assert_eq!(rejection.reason, RejectReason::Late);
+            assert_eq!(token, 1);
+        }
+        _ => panic!("expected late"),
+    }
+    let other_partition = store.apply(event("b", 10_000_000 - 61_000), lineage(1, 0), 2, now);
+    assert!(matches!(other_partition, Applied::Accepted));
+}
+
+#[test]
+fn delete_request_drops_state_however_late_it_comes() {
+    let mut store = store(1_000);
+    let now = Instant::now();
+    store.apply(event("u", 10_000_000), lineage(0, 0), 0, now);
+    // Far behind the partition's newest event, which would make any other event late.
+    let mut erase = event("u", 1);
+    erase.body = EventBody::DeleteUser;
+    match store.apply(erase, lineage(0, 1), 1, now) {
+        Applied::Deleted { user_key, partition, released } => {
+            assert_eq!(released, [0, 1], "the user's held tokens and the request's own");
+            assert_eq!(partition, 0);
+            assert_eq!(user_key, store.pseudonymizer.key("u"));
+        }
+        _ => panic!("expected a deletion"),
+    }
+    assert_eq!(store.users(), 0);
+    assert!(store.take_all().is_empty(), "nothing left to score");
+
+    let mut unknown = event("never-seen", 5);
+    unknown.body = EventBody::DeleteUser;
+    let applied = store.apply(unknown, lineage(0, 2), 2, now);
+    assert!(matches!(applied, Applied::Deleted { released, .. } if released == [2]));
+}
+
+#[test]
+fn a_late_opt_out_is_honoured_and_does_not_move_the_watermark() {
+    let mut store = store(1_000);
+    let now = Instant::now();
+    store.apply(event("u", 10_000_000), lineage(0, 0), 0, now);
+    store.apply(event("v", 10_000_000), lineage(0, 1), 1, now);
+    let mut quit = event("u", 1);
+    quit.opt_out = true;
+    assert!(matches!(store.apply(quit, lineage(0, 2), 2, now), Applied::OptedOut { .. }));
+    let mut future = event("v", 90_000_000_000);
+    future.opt_out = true;
+    assert!(matches!(store.apply(future, lineage(0, 3), 3, now), Applied::OptedOut { .. }));
+    let next = store.apply(event("w", 10_000_001), lineage(0, 4), 4, now);
+    assert!(
+        matches!(next, Applied::Accepted),
+        "an opt-out dated far ahead must not make the next event late"
+    );
+}
+
+#[test]
+fn opt_out_drops_state_and_releases_tokens() {
+    let mut store = store(1_000);
+    let now = Instant::now();
+    store.apply(event("u", 1_000), lineage(0, 0), 0, now);
+    let mut quit = event("u", 2_000);
+    quit.opt_out = true;
+    match store.apply(quit, lineage(0, 1), 1, now) {
+        Applied::OptedOut { user_key, partition, released } => {
+            assert_eq!(released, [0, 1]);
+            assert_eq!(partition, 0);
+            assert_eq!(user_key, store.pseudonymizer.key("u"), "tombstone key is the pseudonym");
+        }
+        _ => panic!("expected opt-out"),
+    }
+    assert_eq!(store.users(), 0);
+    assert!(store.take_all().is_empty());
+}
+
+#[test]
+fn eviction_spares_dirty_and_recent_users() {
+    let mut store = store(0);
+    let now = Instant::now();
+    store.apply(event("old", 1_000), lineage(0, 0), 0, now);
+    store.take_all();
+    store.apply(event("new", 1_000 + 2 * 86_400_000), lineage(0, 1), 1, now);
+    let evicted = store.evict_idle();
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(evicted[0].user_key, store.pseudonymizer.key("old"));
+    assert!(store.state("old").is_none());
+    assert!(store.state("new").is_some());
+}
+
+#[test]
+fn requests_carry_a_snapshot_of_the_scored_state() {
+    let mut store = store(0);
+    let now = Instant::now();
+    store.apply(event("u", 1_000), lineage(3, 7), 0, now);
+    let (due, _) = store.take_due(now, 10);
+    let scoring = &due[0].context;
+    assert_eq!(scoring.partition, 3);
+    let snapshot = state::decode(scoring.changelog.as_deref().unwrap()).unwrap();
+    assert_eq!(&snapshot.state, store.state("u").unwrap());
+    assert_eq!(snapshot.partition, 3);
+    assert_eq!(snapshot.applied_through, [AppliedThrough { topic: "t".into(), offset: 7 }]);
+    assert!(!scoring.facts.user_key.contains('u'), "requests carry the pseudonym only");
+}
+
+#[test]
+fn records_read_again_after_a_restore_are_scored_but_not_applied_twice() {
+    let mut first = store(0);
+    let now = Instant::now();
+    for offset in 0..3 {
+        first.apply(event("u", 1_000 + offset), lineage(1, offset), offset, now);
+    }
+    let (due, _) = first.take_due(now, 10);
+    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+
+    // The next owner restores that snapshot, then reads from an older committed offset.
+    let mut second = store(0);
+    let key = second.pseudonymizer.key("u");
+    assert_eq!(second.restore(1, 5, [(key, snapshot.clone())]), 1);
+    assert!(second.take_due(now, 10).0.is_empty(), "a restored user is clean");
+    assert!(matches!(
+        second.apply(event("u", 1_002), lineage(1, 2), 2, now),
+        Applied::AlreadyApplied(None)
+    ));
+    assert!(matches!(second.apply(event("u", 1_003), lineage(1, 3), 3, now), Applied::Accepted));
+    let (due, _) = second.take_due(now, 10);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].context.pending, [2, 3]);
+    assert_eq!(due[0].context.epoch, 5);
+    assert_eq!(second.state("u").unwrap().applied(), snapshot.state.applied() + 1);
+}
+
+#[test]
+fn revoking_a_partition_drops_only_its_users() {
+    let mut store = store(1_000);
+    let now = Instant::now();
+    store.apply(event("a", 1_000), lineage(0, 0), 0, now);
+    store.apply(event("b", 1_000), lineage(1, 0), 1, now);
+    assert_eq!(store.revoke(&[1]), 1);
+    assert!(store.state("a").is_some());
+    assert!(store.state("b").is_none());
+    let remaining = store.take_all();
+    assert_eq!(remaining.len(), 1, "the dropped user's due entry is skipped");
+    assert_eq!(remaining[0].context.pending, [0]);
+}
+
+#[test]
+fn exactly_once_does_not_rescore_records_already_in_a_restored_state() {
+    let mut first = store(0);
+    let now = Instant::now();
+    first.apply(event("u", 1_000), lineage(0, 4), 4, now);
+    let (due, _) = first.take_due(now, 10);
+    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+
+    let mut second = store(0);
+    second.config.rescore_restored = false;
+    let key = second.pseudonymizer.key("u");
+    second.restore(0, 1, [(key, snapshot)]);
+    match second.apply(event("u", 1_000), lineage(0, 4), 4, now) {
+        Applied::AlreadyApplied(Some(token)) => assert_eq!(token, 4),
+        _ => panic!("expected the token back"),
+    }
+    assert!(second.take_all().is_empty(), "nothing to score: its signal was committed");
+}
+
+#[test]
+fn a_second_record_with_a_held_event_id_is_a_duplicate() {
+    let mut store = store(0);
+    let now = Instant::now();
+    let first = event("u", 1_000);
+    assert!(!store.is_duplicate(&first, &lineage(0, 0)));
+    store.apply(first.clone(), lineage(0, 0), 0, now);
+    assert!(store.is_duplicate(&first, &lineage(0, 1)), "another record, same id");
+    assert!(!store.is_duplicate(&first, &lineage(0, 0)), "the same record read again");
+    let other_user = Event { user_id: "v".into(), ..first };
+    assert!(!store.is_duplicate(&other_user, &lineage(0, 2)), "ids are per user");
+}
