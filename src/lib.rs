@@ -22,6 +22,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod event;
 pub mod http;
 pub mod import;

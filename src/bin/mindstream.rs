@@ -223,7 +223,7 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
             }
         }
         let model = load_model(&config).await?;
-        let reporting = pipeline::Reporting { health, latest };
+        let reporting = pipeline::Reporting { health, latest, console: None, windows: None };
         // On a worker thread: the pipeline makes short blocking broker queries in place.
         let pipeline = tokio::spawn(pipeline::run(config, model, key, reporting, options));
         match pipeline.await {

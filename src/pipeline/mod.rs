@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::config::DeliveryMode;
 use crate::config::LimitsConfig;
+use crate::console::{Console, WindowRequest};
 use crate::event::limits;
 use crate::event::{Event, Format, Rejection};
 use crate::http::Health;
@@ -131,6 +132,11 @@ struct Processor {
     limits: LimitsConfig,
     /// Bytes of key and value a dead-letter record may carry.
     dead_letter_room: usize,
+    /// The console's aggregates, when it is on.
+    console: Option<Arc<Console>>,
+    /// The console's questions for a user's window; `None` when the console is off or the
+    /// HTTP server has gone.
+    windows: Option<mpsc::Receiver<WindowRequest>>,
 }
 
 /// Failures reported by tasks other than the consume loop.
@@ -149,11 +155,15 @@ impl Fatal {
     }
 }
 
-/// Where the processor reports to the HTTP server: readiness, and the latest record per user
-/// when the lookup is on.
+/// Where the processor reports to the HTTP server: readiness, the latest record per user when
+/// the lookup is on, and the console's aggregates and window questions when it is on.
 pub struct Reporting {
     pub health: Arc<Health>,
     pub latest: Option<Arc<LatestSignals>>,
+    pub console: Option<Arc<Console>>,
+    /// Questions from the console for a user's current window; the HTTP server holds the
+    /// sending end.
+    pub windows: Option<mpsc::Receiver<WindowRequest>>,
 }
 
 /// Runs the processor until a signal or, with `until_caught_up`, the end of the input.
@@ -164,7 +174,7 @@ pub async fn run(
     reporting: Reporting,
     options: RunOptions,
 ) -> Result<StopReason, PipelineError> {
-    let Reporting { health, latest } = reporting;
+    let Reporting { health, latest, console, windows } = reporting;
     let card = model.card.clone();
     let input_topics: Vec<String> = config.inputs.iter().map(|i| i.topic.clone()).collect();
     m::register_series(&input_topics);
@@ -191,6 +201,7 @@ pub async fn run(
         card.clone(),
         explain_top,
         latest.clone(),
+        console.clone(),
         model_fatal,
     ));
     let mut fatal = Fatal { sink: sink_errors, model: model_errors };
@@ -228,6 +239,8 @@ pub async fn run(
         lag_reported: std::collections::HashSet::new(),
         limits: config.limits.clone(),
         dead_letter_room: limits::dead_letter_room(&config),
+        console,
+        windows,
     };
 
     let consumed = processor.consume(&mut source, &config, options, &mut fatal).await;
@@ -333,6 +346,12 @@ impl Processor {
                         return Ok(StopReason::CaughtUp);
                     }
                 }
+                asked = next_question(&mut self.windows) => match asked {
+                    Some(question) => {
+                        let _ = question.reply.send(self.store.timeline(&question.user_key));
+                    }
+                    None => self.windows = None,
+                },
                 polled = source.recv() => match polled {
                     Polled::Record(message) => self.handle(&message).await,
                     Polled::Error(err) => self.client_error(&err),
@@ -562,6 +581,16 @@ fn interval(period: Duration) -> tokio::time::Interval {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval
+}
+
+/// The console's next question; pending forever when there is no console.
+async fn next_question(
+    windows: &mut Option<mpsc::Receiver<WindowRequest>>,
+) -> Option<WindowRequest> {
+    match windows {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::console::Console;
 use crate::lookup::LatestSignals;
 use crate::model::batcher::Scored;
 use crate::model::card::ModelCard;
@@ -60,6 +61,7 @@ pub(super) async fn publish(
     card: Arc<ModelCard>,
     explain_top: usize,
     latest: Option<Arc<LatestSignals>>,
+    console: Option<Arc<Console>>,
     fatal: mpsc::UnboundedSender<ModelError>,
 ) {
     let mut next = 0u64;
@@ -94,6 +96,9 @@ pub(super) async fn publish(
                 Entry::Erase(erasure) => erase(&sink, latest.as_deref(), erasure).await,
                 Entry::Scored(scored) => {
                     let record = publish_one(&sink, &card, explain_top, *scored).await;
+                    if let Some(console) = &console {
+                        console.observe(&record);
+                    }
                     if let Some(latest) = &latest {
                         latest.insert(record);
                     }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::DeliveryMode;
+use crate::console::TimelineEvent;
 use crate::event::{Event, EventBody, RejectReason, Rejection};
 use crate::model::batcher::ScoreRequest;
 use crate::privacy::Pseudonymizer;
@@ -442,6 +443,12 @@ impl<T> Store<T> {
     /// The current window of a user, if held.
     pub fn state(&self, user_id: &str) -> Option<&UserState> {
         self.users.get(&self.pseudonymizer.key(user_id)).map(|t| &t.state)
+    }
+
+    /// The window of a pseudonymised user key as the console shows it, oldest event first.
+    pub fn timeline(&self, user_key: &str) -> Option<Vec<TimelineEvent>> {
+        let tracked = self.users.get(user_key)?;
+        Some(tracked.state.events().iter().map(TimelineEvent::of).collect())
     }
 }
 
