@@ -20,6 +20,7 @@
 //! replay, summary), [`import`] (public data sets into events), [`train`]
 //! (`mindstream-train`), [`proto`] (generated types) and [`time`].
 
+pub mod actions;
 pub mod cli;
 pub mod config;
 pub mod console;

@@ -90,6 +90,8 @@ mod tests {
             event_count: 1,
             scores: Vec::new(),
             interests: Vec::new(),
+            interest_items: Vec::new(),
+            interests_refreshed_ms: 0,
             lineage: RecordLineage { topic: "t".into(), partition: 0, offset: 0 },
             produced_at_ms: 0,
         }

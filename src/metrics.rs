@@ -47,6 +47,15 @@ pub const PRODUCE_SECONDS: &str = "mindstream_produce_seconds";
 pub const COMMIT_SECONDS: &str = "mindstream_commit_seconds";
 /// Offset commits that failed.
 pub const COMMIT_FAILURES: &str = "mindstream_commit_failures_total";
+/// Segment entries and exits delivered. Labels: `segment`, `change` (`entered`, `left`).
+pub const SEGMENT_CHANGES: &str = "mindstream_segment_changes_total";
+/// Users held by this instance who are in a segment. Labels: `segment`.
+pub const SEGMENT_MEMBERS: &str = "mindstream_segment_members";
+/// Service alerts delivered. Labels: `reason`.
+pub const SERVICE_ALERTS: &str = "mindstream_service_alerts_total";
+/// Service alerts not sent because one about the same user and item went out within
+/// `alerts.dedup_period`. Labels: `reason`.
+pub const SERVICE_ALERTS_SUPPRESSED: &str = "mindstream_service_alerts_suppressed_total";
 /// Delete-user requests honoured. Labels: `topic`.
 pub const USERS_DELETED: &str = "mindstream_users_deleted_total";
 /// Consumer group rebalances. Labels: `kind` (`assign`, `revoke`).
@@ -84,7 +93,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 /// Puts every counter and gauge without a per-event label into the exposition at zero, and
 /// the per-topic ones for each input topic, so that dashboards and alert rules see a series
 /// (a `rate()` of nothing is no data, not zero) before the first event of its kind.
-pub fn register_series(input_topics: &[String]) {
+pub fn register_series(input_topics: &[String], segments: &[String]) {
     let counters =
         [RECORDS_OUT, USERS_EVICTED, COMMIT_FAILURES, RECORDS_DROPPED_REVOKED, USERS_RESTORED];
     for name in counters.into_iter().chain([TRANSACTIONS]) {
@@ -101,6 +110,17 @@ pub fn register_series(input_topics: &[String]) {
             metrics::counter!(name, "topic" => topic.clone()).increment(0);
         }
     }
+    for segment in segments {
+        metrics::gauge!(SEGMENT_MEMBERS, "segment" => segment.clone()).set(0.0);
+        for change in ["entered", "left"] {
+            metrics::counter!(SEGMENT_CHANGES, "segment" => segment.clone(), "change" => change)
+                .increment(0);
+        }
+    }
+    for reason in ["negative_review_of_purchase", "falling_sentiment"] {
+        metrics::counter!(SERVICE_ALERTS, "reason" => reason).increment(0);
+        metrics::counter!(SERVICE_ALERTS_SUPPRESSED, "reason" => reason).increment(0);
+    }
 }
 
 fn describe() {
@@ -109,6 +129,14 @@ fn describe() {
     describe_counter!(RECORDS_REJECTED, Unit::Count, "Records rejected to the dead-letter topic.");
     describe_counter!(EVENTS_OPTED_OUT, Unit::Count, "Events of opted-out users, not scored.");
     describe_counter!(USERS_DELETED, Unit::Count, "Delete-user requests honoured.");
+    describe_counter!(SEGMENT_CHANGES, Unit::Count, "Segment entries and exits delivered.");
+    describe_gauge!(SEGMENT_MEMBERS, Unit::Count, "Users held here who are in a segment.");
+    describe_counter!(SERVICE_ALERTS, Unit::Count, "Service alerts delivered.");
+    describe_counter!(
+        SERVICE_ALERTS_SUPPRESSED,
+        Unit::Count,
+        "Service alerts not sent: one about the same user and item went out within the period."
+    );
     describe_counter!(RECORDS_OUT, Unit::Count, "Signal records delivered.");
     describe_counter!(SIGNALS_OUT, Unit::Count, "Scores delivered, per signal.");
     describe_gauge!(ACTIVE_USERS, Unit::Count, "Users with state in memory.");

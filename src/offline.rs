@@ -92,7 +92,7 @@ pub fn score_file(
         let explain_top = config.scoring.explain_top;
         let facts = scored.context.facts;
         let (full, without, kept) = (&scored.full, &scored.without, &scored.kept);
-        records.push(signals::build(&card, facts, full, without, kept, explain_top, now));
+        records.push(signals::build(&card, &facts, full, without, kept, explain_top, now));
     }
     feeder.join().map_err(|_| OfflineError::WorkersGone)?;
     for worker in workers {

@@ -30,6 +30,13 @@ pub struct SignalRecord {
     pub event_count: u32,
     pub scores: Vec<Score>,
     pub interests: Vec<InterestWeight>,
+    /// The window's items by interest (`interests.top_items` of them); empty where the events
+    /// carry no item ids.
+    #[serde(default)]
+    pub interest_items: Vec<ItemWeight>,
+    /// Event time the interests are as of: the newest event applied to the user's state.
+    #[serde(default)]
+    pub interests_refreshed_ms: i64,
     pub lineage: RecordLineage,
     pub produced_at_ms: i64,
 }
@@ -56,6 +63,13 @@ pub struct InterestWeight {
     pub weight: f32,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemWeight {
+    pub item_id: String,
+    pub category_id: String,
+    pub weight: f32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordLineage {
     pub topic: String,
@@ -71,20 +85,44 @@ pub struct WindowFacts {
     pub version: u64,
     pub events: Vec<WindowEvent>,
     pub interests: Vec<InterestWeight>,
+    pub interest_items: Vec<ItemWeight>,
+    pub interests_refreshed_ms: i64,
+}
+
+/// How much of a user's interests a record carries.
+#[derive(Clone, Copy, Debug)]
+pub struct InterestFeed {
+    /// Categories, from the user's decayed counters.
+    pub top_categories: usize,
+    /// Items, from the window.
+    pub top_items: usize,
+    /// Half-life of an event's weight in the item ranking, ms.
+    pub half_life_ms: i64,
 }
 
 impl WindowFacts {
-    pub fn of(user_key: String, state: &UserState, top_interests: usize) -> WindowFacts {
+    pub fn of(user_key: String, state: &UserState, feed: InterestFeed) -> WindowFacts {
         let interests = state
-            .top_interests(top_interests)
+            .top_interests(feed.top_categories)
             .into_iter()
             .map(|(category, weight)| InterestWeight { category_id: category.into(), weight })
+            .collect();
+        let interest_items = state
+            .top_items(feed.top_items, feed.half_life_ms)
+            .into_iter()
+            .map(|i| ItemWeight {
+                item_id: i.item_id.into(),
+                category_id: i.category_id.into(),
+                weight: i.weight,
+            })
             .collect();
         WindowFacts {
             user_key,
             version: state.version(),
             events: state.events().iter().cloned().collect(),
             interests,
+            interest_items,
+            interests_refreshed_ms: state.newest_ms(),
         }
     }
 }
@@ -93,7 +131,7 @@ impl WindowFacts {
 /// left out (`without`), and the events that reached the model (`kept`, window indices).
 pub fn build(
     card: &ModelCard,
-    facts: WindowFacts,
+    facts: &WindowFacts,
     full: &[f32],
     without: &[(usize, Vec<f32>)],
     kept: &[usize],
@@ -109,7 +147,7 @@ pub fn build(
         let deltas = without.iter().map(|(event, w)| (*event, full[index] - w[index]));
         scores.push(score(spec, full[index], deltas, &facts.events, explain_top));
     }
-    if let Some(alert) = service_alert(card, &facts, full, without, kept, explain_top) {
+    if let Some(alert) = service_alert(card, facts, full, without, kept, explain_top) {
         scores.push(alert);
     }
 
@@ -119,14 +157,16 @@ pub fn build(
         |e| lineage_of(&e.lineage),
     );
     SignalRecord {
-        user_key: facts.user_key,
+        user_key: facts.user_key.clone(),
         version: facts.version,
         model_version: card.model_version.clone(),
         window_start_ms: facts.events.first().map_or(0, |e| e.event_time_ms),
         window_end_ms: facts.events.last().map_or(0, |e| e.event_time_ms),
         event_count: facts.events.len() as u32,
         scores,
-        interests: facts.interests,
+        interests: facts.interests.clone(),
+        interest_items: facts.interest_items.clone(),
+        interests_refreshed_ms: facts.interests_refreshed_ms,
         lineage,
         produced_at_ms,
     }
@@ -249,6 +289,16 @@ fn to_proto(r: &SignalRecord) -> pb::SignalRecord {
             .iter()
             .map(|i| pb::Interest { category_id: i.category_id.clone(), weight: i.weight })
             .collect(),
+        interest_items: r
+            .interest_items
+            .iter()
+            .map(|i| pb::ItemInterest {
+                item_id: i.item_id.clone(),
+                category_id: i.category_id.clone(),
+                weight: i.weight,
+            })
+            .collect(),
+        interests_refreshed_ms: r.interests_refreshed_ms,
         lineage: Some(pb::Lineage {
             topic: r.lineage.topic.clone(),
             partition: r.lineage.partition,
@@ -291,6 +341,16 @@ fn from_proto(r: pb::SignalRecord) -> SignalRecord {
             .into_iter()
             .map(|i| InterestWeight { category_id: i.category_id, weight: i.weight })
             .collect(),
+        interest_items: r
+            .interest_items
+            .into_iter()
+            .map(|i| ItemWeight {
+                item_id: i.item_id,
+                category_id: i.category_id,
+                weight: i.weight,
+            })
+            .collect(),
+        interests_refreshed_ms: r.interests_refreshed_ms,
         lineage: RecordLineage {
             topic: lineage.topic,
             partition: lineage.partition,

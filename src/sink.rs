@@ -26,6 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::{mpsc, Notify, RwLock};
 
+use crate::actions::{ActionKind, ActionRecord};
 use crate::config::{Config, DeliveryMode};
 use crate::event::{Format, Rejection};
 use crate::metrics as m;
@@ -184,53 +185,58 @@ impl Sink {
         }
     }
 
-    /// Publishes a signal record and the state it was computed from; `covers` are released
-    /// when both are delivered. Nothing is published when `owner` no longer holds the user.
+    /// Publishes a signal record, the records derived from it (segment changes, alerts) and
+    /// the state it was computed from; `covers` are released when all are delivered. Nothing
+    /// is published when `owner` no longer holds the user.
     pub async fn publish(
         &self,
         record: &SignalRecord,
         changelog: Option<Vec<u8>>,
+        derived: Vec<ActionRecord>,
         owner: Owner,
         covers: Vec<OffsetRef>,
     ) {
         let payload = signals::encode(self.format, record);
         let signal_names: Vec<String> = record.scores.iter().map(|s| s.signal.clone()).collect();
         let key = record.user_key.as_bytes();
-        let mut records = Vec::with_capacity(2);
+        let mut records = Vec::with_capacity(2 + derived.len());
         if let Some(state) = &changelog {
             let to = Target::Partition(self.changelog_topic.clone(), owner.partition);
             records.push(Outgoing { to, key, payload: state, headers: None });
         }
         let to = Target::Keyed(self.signals_topic.clone());
         records.push(Outgoing { to, key, payload: &payload, headers: None });
+        records.extend(derived.iter().map(outgoing));
+        let kinds: Vec<ActionKind> = derived.iter().map(|d| d.kind.clone()).collect();
         self.send(records, Some(owner), covers, move || {
             metrics::counter!(m::RECORDS_OUT).increment(1);
             for signal in signal_names {
                 metrics::counter!(m::SIGNALS_OUT, "signal" => signal).increment(1);
             }
+            count_actions(kinds);
         })
         .await;
     }
 
-    /// Deletes a user's changelog entry (a tombstone); `covers` are released when it is
-    /// delivered.
-    pub async fn tombstone(&self, user_key: &str, owner: Owner, covers: Vec<OffsetRef>) {
-        let to = Target::Partition(self.changelog_topic.clone(), owner.partition);
-        let record = Outgoing { to, key: user_key.as_bytes(), payload: &[], headers: None };
-        self.send(vec![record], Some(owner), covers, || {}).await;
-    }
-
-    /// Erases a user: tombstones for `user_key` on the changelog and on the signal topic, so
-    /// that compaction removes both its state and its latest record; `covers` are released
-    /// when both are delivered.
-    pub async fn erase(&self, user_key: &str, owner: Owner, covers: Vec<OffsetRef>) {
+    /// Erases a user: a tombstone for `user_key` on the changelog, one on the signal topic
+    /// too when `signals_too`, and the `derived` tombstones (segment memberships), so that
+    /// compaction removes them all; `covers` are released when all are delivered.
+    pub async fn erase(
+        &self,
+        user_key: &str,
+        owner: Owner,
+        covers: Vec<OffsetRef>,
+        signals_too: bool,
+        derived: Vec<ActionRecord>,
+    ) {
         let key = user_key.as_bytes();
         let changelog = Target::Partition(self.changelog_topic.clone(), owner.partition);
-        let signals = Target::Keyed(self.signals_topic.clone());
-        let records = vec![
-            Outgoing { to: changelog, key, payload: &[], headers: None },
-            Outgoing { to: signals, key, payload: &[], headers: None },
-        ];
+        let mut records = vec![Outgoing { to: changelog, key, payload: &[], headers: None }];
+        if signals_too {
+            let signals = Target::Keyed(self.signals_topic.clone());
+            records.push(Outgoing { to: signals, key, payload: &[], headers: None });
+        }
+        records.extend(derived.iter().map(outgoing));
         self.send(records, Some(owner), covers, || {}).await;
     }
 
@@ -473,6 +479,31 @@ impl Target {
     fn topic(&self) -> &str {
         match self {
             Target::Keyed(topic) | Target::Partition(topic, _) => topic,
+        }
+    }
+}
+
+fn outgoing(record: &ActionRecord) -> Outgoing<'_> {
+    let to = Target::Keyed(record.topic.clone());
+    Outgoing { to, key: &record.key, payload: &record.payload, headers: None }
+}
+
+/// Counts delivered segment changes and alerts.
+fn count_actions(kinds: Vec<ActionKind>) {
+    for kind in kinds {
+        match kind {
+            ActionKind::Entered(segment) => {
+                metrics::counter!(m::SEGMENT_CHANGES, "segment" => segment, "change" => "entered")
+                    .increment(1);
+            }
+            ActionKind::Left(segment) => {
+                metrics::counter!(m::SEGMENT_CHANGES, "segment" => segment, "change" => "left")
+                    .increment(1);
+            }
+            ActionKind::Alert(reason) => {
+                metrics::counter!(m::SERVICE_ALERTS, "reason" => reason.as_str()).increment(1);
+            }
+            ActionKind::Erased => {}
         }
     }
 }

@@ -11,10 +11,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::actions::Marks;
 use crate::window::UserState;
 
-/// Format byte of the values this build writes.
-pub const FORMAT: u8 = 1;
+/// Format byte of the values this build writes. Format 1 (no marks) is still read.
+pub const FORMAT: u8 = 2;
+/// The format before marks were kept.
+const FORMAT_1: u8 = 1;
 
 /// One user's state as the changelog keeps it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,6 +29,16 @@ pub struct Snapshot {
     /// Per input topic, the offset of the last record applied to `state`. After a restart,
     /// records at or below these offsets are already in the state and are not applied twice.
     pub applied_through: Vec<AppliedThrough>,
+    /// Segment membership and alert de-duplication (format 2 on).
+    pub marks: Marks,
+}
+
+/// Format 1's snapshot: the same without marks.
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    partition: i32,
+    state: UserState,
+    applied_through: Vec<AppliedThrough>,
 }
 
 /// The last input offset of one topic applied to a state.
@@ -39,7 +52,7 @@ pub struct AppliedThrough {
 pub enum StateError {
     #[error("empty changelog value (a tombstone is not a state)")]
     Empty,
-    #[error("changelog value has format {0}; this build reads format {FORMAT}")]
+    #[error("changelog value has format {0}; this build reads formats 1 and {FORMAT}")]
     Format(u8),
     #[error("changelog value does not decode")]
     Decode(#[source] postcard::Error),
@@ -59,6 +72,15 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, StateError> {
     match bytes.split_first() {
         None => Err(StateError::Empty),
         Some((&FORMAT, body)) => postcard::from_bytes(body).map_err(StateError::Decode),
+        Some((&FORMAT_1, body)) => {
+            let v1: SnapshotV1 = postcard::from_bytes(body).map_err(StateError::Decode)?;
+            Ok(Snapshot {
+                partition: v1.partition,
+                state: v1.state,
+                applied_through: v1.applied_through,
+                marks: Marks::default(),
+            })
+        }
         Some((&other, _)) => Err(StateError::Format(other)),
     }
 }
@@ -109,14 +131,28 @@ mod tests {
         });
         let mut state = UserState::new(event("a", 1_000, click), &spec);
         state.apply(event("b", 2_000, review), &spec);
+        let marks = Marks {
+            segments: vec!["ready_to_buy".into()],
+            sentiment: Some(0.25),
+            alerted: vec![crate::actions::Alerted { item_id: "item-1".into(), at_ms: 2_000 }],
+        };
         let snapshot = Snapshot {
             partition: 2,
             state,
             applied_through: vec![AppliedThrough { topic: "clicks".into(), offset: 2_000 }],
+            marks,
         };
         let bytes = encode(&snapshot);
         assert_eq!(bytes[0], FORMAT);
         assert_eq!(decode(&bytes).unwrap(), snapshot);
+
+        // A format-1 value, written before marks were kept, reads with empty marks.
+        let v1 = (snapshot.partition, &snapshot.state, &snapshot.applied_through);
+        let mut old = vec![1u8];
+        old.extend(postcard::to_stdvec(&v1).unwrap());
+        let read = decode(&old).unwrap();
+        assert_eq!(read.marks, Marks::default());
+        assert_eq!(read.state, snapshot.state);
     }
 
     #[test]

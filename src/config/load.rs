@@ -56,6 +56,10 @@ impl Config {
             let origin = origin_of(key, &overridden);
             ConfigError::Key { key: key.to_owned(), origin, message }
         })?;
+        config.validate_actions().map_err(|(key, message)| {
+            let origin = origin_of(&key, &overridden);
+            ConfigError::Key { key, origin, message }
+        })?;
         Ok(config)
     }
 
@@ -147,6 +151,55 @@ impl Config {
         self.validate_limits()?;
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", err.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Checks the segments and alerts: names, rules, thresholds, and topics apart from the
+    /// others. A segment's key is `segments[i].<field>` and its message names the segment.
+    fn validate_actions(&self) -> Result<(), (String, String)> {
+        for (i, segment) in self.segments.iter().enumerate() {
+            let name = &segment.name;
+            let named = name.len() <= 100
+                && !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !named {
+                let message =
+                    format!("segment name `{name}` must be 1 to 100 letters, digits, `_` or `-`");
+                return Err((format!("segments[{i}].name"), message));
+            }
+            if self.segments[..i].iter().any(|other| &other.name == name) {
+                return Err((format!("segments[{i}].name"), format!("`{name}` is used twice")));
+            }
+            if let Err(err) = crate::actions::rule::Rule::parse(&segment.rule) {
+                let message = format!("segment `{name}`: rule `{}` {err}", segment.rule);
+                return Err((format!("segments[{i}].rule"), message));
+            }
+        }
+        let alerts = &self.alerts;
+        if !(alerts.threshold > 0.0 && alerts.threshold <= 1.0) {
+            return Err(("alerts.threshold".into(), "must be in (0, 1]".into()));
+        }
+        if !(alerts.frustration_drop > 0.0 && alerts.frustration_drop <= 1.0) {
+            return Err(("alerts.frustration_drop".into(), "must be in (0, 1]".into()));
+        }
+        if alerts.dedup_period.is_zero() {
+            return Err(("alerts.dedup_period".into(), "must be longer than zero".into()));
+        }
+        let others =
+            [&self.output.signals_topic, &self.output.dlq_topic, &self.state.changelog_topic];
+        let used = [
+            ("output.segments_topic", &self.output.segments_topic, !self.segments.is_empty()),
+            ("output.alerts_topic", &self.output.alerts_topic, alerts.enabled),
+        ];
+        for (key, topic, in_use) in used {
+            let clashes = others.contains(&topic)
+                || self.inputs.iter().any(|i| &i.topic == topic)
+                || (key == "output.alerts_topic" && topic == &self.output.segments_topic);
+            if in_use && (topic.is_empty() || clashes) {
+                let message = "must be set and differ from every other topic".to_owned();
+                return Err((key.to_owned(), message));
+            }
         }
         Ok(())
     }

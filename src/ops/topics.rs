@@ -1,4 +1,5 @@
-//! `mindstream topics`: the input, signal, DLQ and changelog topics of a configuration.
+//! `mindstream topics`: the input, signal, DLQ, changelog, segments and alerts topics of a
+//! configuration.
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -48,6 +49,17 @@ pub async fn create(
         NewTopic::new(&config.state.changelog_topic, partitions, replication())
             .set("cleanup.policy", "compact"),
     );
+    if !config.segments.is_empty() {
+        // Keyed by user and segment: the latest record of a key is the current membership.
+        topics.push(
+            NewTopic::new(&config.output.segments_topic, partitions, replication())
+                .set("cleanup.policy", "compact"),
+        );
+    }
+    if config.alerts.enabled {
+        // Alerts are events, each one kept until retention drops it.
+        topics.push(NewTopic::new(&config.output.alerts_topic, partitions, replication()));
+    }
 
     let results = admin
         .create_topics(&topics, &AdminOptions::new())

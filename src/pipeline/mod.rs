@@ -40,6 +40,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc;
 
+use crate::actions::{Actions, ActionsError, Marks};
 use crate::config::Config;
 use crate::config::DeliveryMode;
 use crate::config::LimitsConfig;
@@ -58,7 +59,7 @@ use crate::source::{self, Polled, RestoreError, Shared, Source, SourceConsumer, 
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
-use self::publish::{publish, Done, Erasure, Sequenced};
+use self::publish::{publish, Done, Erasure, MarksUpdate, Outputs, Publisher, Sequenced};
 use self::rejections::RejectionLog;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -83,6 +84,8 @@ pub enum PipelineError {
     Restore(#[from] RestoreError),
     #[error("{0}")]
     Topics(String),
+    #[error(transparent)]
+    Actions(#[from] ActionsError),
 }
 
 /// Why consuming stopped.
@@ -137,6 +140,10 @@ struct Processor {
     /// The console's questions for a user's window; `None` when the console is off or the
     /// HTTP server has gone.
     windows: Option<mpsc::Receiver<WindowRequest>>,
+    /// Marks the publisher decided, for the store; the publisher holds the sending end.
+    marks: mpsc::UnboundedReceiver<MarksUpdate>,
+    /// Configured segment names, for the size gauges.
+    segments: Vec<String>,
 }
 
 /// Failures reported by tasks other than the consume loop.
@@ -176,8 +183,9 @@ pub async fn run(
 ) -> Result<StopReason, PipelineError> {
     let Reporting { health, latest, console, windows } = reporting;
     let card = model.card.clone();
+    let actions = Arc::new(Actions::compile(&config, &card)?);
     let input_topics: Vec<String> = config.inputs.iter().map(|i| i.topic.clone()).collect();
-    m::register_series(&input_topics);
+    m::register_series(&input_topics, &actions.segment_names());
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let (sink_fatal, sink_errors) = mpsc::unbounded_channel();
     let sink = tokio::task::block_in_place(|| Sink::new(&config, tracker.clone(), sink_fatal))?;
@@ -195,15 +203,17 @@ pub async fn run(
     let (model_fatal, model_errors) = mpsc::unbounded_channel();
     let explain_top = config.scoring.explain_top;
     let done = Done { results: result_rx, sequenced: sequenced_rx };
-    let publisher = tokio::spawn(publish(
-        done,
-        sink.clone(),
-        card.clone(),
+    let (marks_tx, marks_rx) = mpsc::unbounded_channel();
+    let outputs = Outputs { latest: latest.clone(), console: console.clone(), marks: marks_tx };
+    let publisher = Publisher {
+        sink: sink.clone(),
+        card: card.clone(),
+        actions: actions.clone(),
         explain_top,
-        latest.clone(),
-        console.clone(),
-        model_fatal,
-    ));
+        outputs,
+        fatal: model_fatal,
+    };
+    let publisher = tokio::spawn(publish(done, publisher));
     let mut fatal = Fatal { sink: sink_errors, model: model_errors };
 
     let shared = Shared {
@@ -241,6 +251,8 @@ pub async fn run(
         dead_letter_room: limits::dead_letter_room(&config),
         console,
         windows,
+        marks: marks_rx,
+        segments: actions.segment_names(),
     };
 
     let consumed = processor.consume(&mut source, &config, options, &mut fatal).await;
@@ -281,6 +293,12 @@ fn check_topics(config: &Config, sink: &Sink) -> Result<(), PipelineError> {
         Ok(partitions)
     };
     let changelog_partitions = count(changelog)?;
+    if !config.segments.is_empty() {
+        count(&config.output.segments_topic)?;
+    }
+    if config.alerts.enabled {
+        count(&config.output.alerts_topic)?;
+    }
     for input in &config.inputs {
         let partitions = count(&input.topic)?;
         if partitions > changelog_partitions {
@@ -345,6 +363,9 @@ impl Processor {
                     if self.is_caught_up(source).await {
                         return Ok(StopReason::CaughtUp);
                     }
+                }
+                Some(update) = self.marks.recv() => {
+                    self.store.set_marks(&update.user_key, update.epoch, update.marks);
                 }
                 asked = next_question(&mut self.windows) => match asked {
                     Some(question) => {
@@ -414,23 +435,30 @@ impl Processor {
                 }
             }
             Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
-            Applied::Deleted { user_key, partition, released } => {
+            Applied::Deleted { user_key, partition, released, marks } => {
                 metrics::counter!(m::USERS_DELETED, "topic" => topic.to_string()).increment(1);
-                self.erase(user_key, partition, released, true);
+                self.erase(user_key, partition, released, true, marks);
             }
-            Applied::OptedOut { user_key, partition, released } => {
+            Applied::OptedOut { user_key, partition, released, marks } => {
                 metrics::counter!(m::EVENTS_OPTED_OUT, "topic" => topic.to_string()).increment(1);
-                self.erase(user_key, partition, released, false);
+                self.erase(user_key, partition, released, false, marks);
             }
         }
     }
 
     /// Queues a user's tombstones behind the scorings already requested (see
-    /// [`Sequenced::Erase`]).
-    fn erase(&mut self, user_key: String, partition: i32, released: Vec<OffsetRef>, all: bool) {
+    /// [`Sequenced::Erase`]); `all` adds the signal topic's.
+    fn erase(
+        &mut self,
+        user_key: String,
+        partition: i32,
+        released: Vec<OffsetRef>,
+        all: bool,
+        marks: Option<Box<Marks>>,
+    ) {
         let owner = Owner { partition, epoch: self.store.epoch(partition) };
         let sequence = self.store.reserve_sequence();
-        let erasure = Erasure { sequence, user_key, owner, released, signals_too: all };
+        let erasure = Erasure { sequence, user_key, owner, released, signals_too: all, marks };
         if let Some(sequenced) = &self.sequenced {
             // The publisher outlives the consuming phase, when nothing else sends here.
             let _ = sequenced.send(Sequenced::Erase(erasure));

@@ -9,7 +9,6 @@ use rdkafka::error::KafkaError;
 use crate::config::DeliveryMode;
 use crate::metrics as m;
 use crate::offsets::{self, Partition};
-use crate::sink::Owner;
 use crate::source::{Source, SourceConsumer};
 
 use super::{PipelineError, Processor};
@@ -87,13 +86,26 @@ impl Processor {
             metrics::counter!(m::USERS_EVICTED).increment(evicted.len() as u64);
         }
         for dropped in evicted {
-            let owner =
-                Owner { partition: dropped.partition, epoch: self.store.epoch(dropped.partition) };
-            self.sink.tombstone(&dropped.user_key, owner, Vec::new()).await;
+            self.erase(dropped.user_key, dropped.partition, Vec::new(), false, dropped.marks);
         }
         metrics::gauge!(m::ACTIVE_USERS).set(self.store.users() as f64);
+        self.report_segments();
         metrics::gauge!(m::STATE_BYTES).set(self.store.state_bytes() as f64);
         self.report_lag(consumer).await;
+    }
+
+    /// Sets the segment size gauges, and hands the sizes to the console.
+    fn report_segments(&self) {
+        if self.segments.is_empty() {
+            return;
+        }
+        let sizes = self.store.segment_sizes(&self.segments);
+        for (segment, size) in &sizes {
+            metrics::gauge!(m::SEGMENT_MEMBERS, "segment" => segment.clone()).set(*size as f64);
+        }
+        if let Some(console) = &self.console {
+            console.sample_segments(&sizes, crate::time::now_ms());
+        }
     }
 
     /// Sets the lag gauge of every assigned partition, and zeroes it for partitions reported

@@ -165,6 +165,14 @@ pub struct Interest {
     pub weight: f32,
 }
 
+/// One item's share of a window's interest (see [`UserState::top_items`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ItemInterest {
+    pub item_id: CompactString,
+    pub category_id: CompactString,
+    pub weight: f32,
+}
+
 /// Everything mindstream keeps about one user.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UserState {
@@ -317,6 +325,33 @@ impl UserState {
         ranked
             .sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.category_id.cmp(&b.category_id)));
         ranked.iter().take(top_k).map(|i| (i.category_id.clone(), i.weight / total)).collect()
+    }
+
+    /// The `top_k` items of the window by interest, each event's weight decayed by its age
+    /// behind the newest event, with their share of the window's item interest. Events without
+    /// an item id do not count.
+    pub fn top_items(&self, top_k: usize, half_life_ms: i64) -> Vec<ItemInterest> {
+        let mut items: Vec<ItemInterest> = Vec::new();
+        for event in self.events.iter().filter(|e| !e.item_id.is_empty()) {
+            let add =
+                event.interest_weight() * decay(self.newest_ms - event.event_time_ms, half_life_ms);
+            match items.iter_mut().find(|i| i.item_id == event.item_id) {
+                Some(found) => found.weight += add,
+                None => items.push(ItemInterest {
+                    item_id: event.item_id.clone(),
+                    category_id: event.category_id.clone(),
+                    weight: add,
+                }),
+            }
+        }
+        let total: f32 = items.iter().map(|i| i.weight).sum();
+        if total <= 0.0 {
+            return Vec::new();
+        }
+        items.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.item_id.cmp(&b.item_id)));
+        items.truncate(top_k);
+        items.iter_mut().for_each(|i| i.weight /= total);
+        items
     }
 
     /// Rough heap and inline size of this state, in bytes (for the state-size gauge).

@@ -20,13 +20,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::actions::Marks;
 use crate::config::DeliveryMode;
 use crate::console::TimelineEvent;
 use crate::event::{Event, EventBody, RejectReason, Rejection};
 use crate::model::batcher::ScoreRequest;
 use crate::privacy::Pseudonymizer;
 use crate::render;
-use crate::signals::WindowFacts;
+use crate::signals::{InterestFeed, WindowFacts};
 use crate::state::{self, AppliedThrough, Snapshot};
 use crate::window::{Lineage, StateSpec, UserState, WindowEvent};
 
@@ -39,8 +40,8 @@ pub struct StoreConfig {
     pub coalesce: Duration,
     /// Newest events tried for leave-one-out explanations.
     pub explain_candidates: usize,
-    /// Interests reported per record.
-    pub top_interests: usize,
+    /// Categories and items reported per record.
+    pub interest_feed: InterestFeed,
     /// Whether scoring requests carry the user's encoded state for the changelog.
     pub changelog: bool,
     /// Whether a record found already applied in a restored state rescores its user. Needed
@@ -84,7 +85,11 @@ impl StoreConfig {
             allowed_lateness_ms: config.window.allowed_lateness.as_millis() as i64,
             coalesce: config.scoring.coalesce,
             explain_candidates: config.scoring.explain_candidates,
-            top_interests: config.interests.top_k,
+            interest_feed: InterestFeed {
+                top_categories: config.interests.top_k,
+                top_items: config.interests.top_items,
+                half_life_ms: config.interests.half_life.as_millis() as i64,
+            },
             changelog: true,
             rescore_restored: config.delivery.mode == DeliveryMode::AtLeastOnce,
         }
@@ -103,6 +108,9 @@ pub struct Scoring<T> {
     pub epoch: u64,
     /// The encoded [`Snapshot`] of the state scored, when the store writes a changelog.
     pub changelog: Option<Vec<u8>>,
+    /// The user's marks as the store held them when the request was made (the snapshot
+    /// carries the same); the publisher may know newer ones.
+    pub marks: Option<Box<Marks>>,
     /// Requests are numbered 0, 1, 2, ... in the order the store makes them; records are
     /// published in that order, so a user's records and states reach their topics in order
     /// even when workers finish out of order.
@@ -121,17 +129,18 @@ pub enum Applied<T> {
     Late(Rejection, T),
     /// The user opted out: state dropped; the caller writes a tombstone for `user_key` and
     /// releases these tokens (this event's included) when it is delivered.
-    OptedOut { user_key: String, partition: i32, released: Vec<T> },
+    OptedOut { user_key: String, partition: i32, released: Vec<T>, marks: Option<Box<Marks>> },
     /// A request to erase the user: state dropped; the caller writes tombstones for `user_key`
     /// to the changelog and the signal topic and releases these tokens when they are delivered.
-    Deleted { user_key: String, partition: i32, released: Vec<T> },
+    Deleted { user_key: String, partition: i32, released: Vec<T>, marks: Option<Box<Marks>> },
 }
 
 /// A user dropped from the store whose changelog entry must be deleted.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Dropped {
     pub user_key: String,
     pub partition: i32,
+    pub marks: Option<Box<Marks>>,
 }
 
 struct Tracked<T> {
@@ -143,6 +152,9 @@ struct Tracked<T> {
     /// When the first change since the last scoring request arrived; `None` when clean.
     dirty_since: Option<Instant>,
     pending: Vec<T>,
+    /// Segment membership and alert de-duplication, set from the publisher; `None` (one
+    /// pointer) for the many users with none.
+    marks: Option<Box<Marks>>,
 }
 
 impl<T> Tracked<T> {
@@ -168,6 +180,7 @@ impl<T> Tracked<T> {
                 .iter()
                 .map(|(topic, offset)| AppliedThrough { topic: (**topic).into(), offset: *offset })
                 .collect(),
+            marks: self.marks.as_deref().cloned().unwrap_or_default(),
         }
     }
 }
@@ -231,13 +244,14 @@ impl<T> Store<T> {
         // does not move the partition's watermark.
         if matches!(event.body, EventBody::DeleteUser) || event.opt_out {
             let user_key = self.pseudonymizer.key(&event.user_id);
-            let mut released = self.users.remove(&user_key).map_or(Vec::new(), |t| t.pending);
+            let (mut released, marks) =
+                self.users.remove(&user_key).map_or((Vec::new(), None), |t| (t.pending, t.marks));
             released.push(token);
             let partition = lineage.partition;
             return if event.opt_out && !matches!(event.body, EventBody::DeleteUser) {
-                Applied::OptedOut { user_key, partition, released }
+                Applied::OptedOut { user_key, partition, released, marks }
             } else {
-                Applied::Deleted { user_key, partition, released }
+                Applied::Deleted { user_key, partition, released, marks }
             };
         }
         let source = (lineage.topic.clone(), lineage.partition);
@@ -284,6 +298,7 @@ impl<T> Store<T> {
                     applied_through: vec![(lineage.topic.clone(), lineage.offset)],
                     dirty_since: Some(now),
                     pending: vec![token],
+                    marks: None,
                 };
                 self.users.insert(user_key.clone(), tracked);
                 self.due.push_back((now, user_key));
@@ -337,7 +352,7 @@ impl<T> Store<T> {
         }
         tracked.dirty_since = None;
         let pending = std::mem::take(&mut tracked.pending);
-        let facts = WindowFacts::of(user.to_owned(), &tracked.state, self.config.top_interests);
+        let facts = WindowFacts::of(user.to_owned(), &tracked.state, self.config.interest_feed);
         let segments = render::render(&tracked.state);
         let count = tracked.state.events().len();
         let candidates = (count.saturating_sub(self.config.explain_candidates)..count).collect();
@@ -346,7 +361,8 @@ impl<T> Store<T> {
         let epoch = self.epochs.get(&partition).copied().unwrap_or(0);
         let sequence = self.next_sequence;
         self.next_sequence += 1;
-        let context = Scoring { facts, pending, partition, epoch, changelog, sequence };
+        let marks = tracked.marks.clone();
+        let context = Scoring { facts, pending, partition, epoch, changelog, marks, sequence };
         Some(ScoreRequest { segments, candidates, context })
     }
 
@@ -371,6 +387,7 @@ impl<T> Store<T> {
                     .collect(),
                 dirty_since: None,
                 pending: Vec::new(),
+                marks: snapshot.marks.boxed(),
             };
             self.users.insert(user_key, tracked);
             restored += 1;
@@ -403,7 +420,8 @@ impl<T> Store<T> {
         self.users.retain(|key, t| {
             let keep = t.dirty_since.is_some() || t.state.newest_ms() >= horizon;
             if !keep {
-                dropped.push(Dropped { user_key: key.clone(), partition: t.partition });
+                let marks = t.marks.take();
+                dropped.push(Dropped { user_key: key.clone(), partition: t.partition, marks });
             }
             keep
         });
@@ -443,6 +461,27 @@ impl<T> Store<T> {
     /// The current window of a user, if held.
     pub fn state(&self, user_id: &str) -> Option<&UserState> {
         self.users.get(&self.pseudonymizer.key(user_id)).map(|t| &t.state)
+    }
+
+    /// Sets a user's marks as the publisher derived them from a record of the user's
+    /// partition under `epoch`; ignored when the user is gone or the partition was let go
+    /// since.
+    pub fn set_marks(&mut self, user_key: &str, epoch: u64, marks: Option<Box<Marks>>) {
+        let Some(tracked) = self.users.get_mut(user_key) else { return };
+        if self.epochs.get(&tracked.partition).copied().unwrap_or(0) == epoch {
+            tracked.marks = marks;
+        }
+    }
+
+    /// How many users held here are in each of `segments`.
+    pub fn segment_sizes(&self, segments: &[String]) -> Vec<(String, u64)> {
+        let mut sizes: Vec<(String, u64)> = segments.iter().map(|s| (s.clone(), 0)).collect();
+        for marks in self.users.values().filter_map(|t| t.marks.as_deref()) {
+            for (name, size) in &mut sizes {
+                *size += u64::from(marks.segments.iter().any(|m| m == name.as_str()));
+            }
+        }
+        sizes
     }
 
     /// The window of a pseudonymised user key as the console shows it, oldest event first.

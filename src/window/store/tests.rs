@@ -15,7 +15,7 @@ fn store(coalesce_ms: u64) -> Store<i64> {
         allowed_lateness_ms: 60_000,
         coalesce: Duration::from_millis(coalesce_ms),
         explain_candidates: 2,
-        top_interests: 3,
+        interest_feed: InterestFeed { top_categories: 3, top_items: 3, half_life_ms: 86_400_000 },
         changelog: true,
         rescore_restored: true,
     };
@@ -105,7 +105,7 @@ fn delete_request_drops_state_however_late_it_comes() {
     let mut erase = event("u", 1);
     erase.body = EventBody::DeleteUser;
     match store.apply(erase, lineage(0, 1), 1, now) {
-        Applied::Deleted { user_key, partition, released } => {
+        Applied::Deleted { user_key, partition, released, .. } => {
             assert_eq!(released, [0, 1], "the user's held tokens and the request's own");
             assert_eq!(partition, 0);
             assert_eq!(user_key, store.pseudonymizer.key("u"));
@@ -148,7 +148,7 @@ fn opt_out_drops_state_and_releases_tokens() {
     let mut quit = event("u", 2_000);
     quit.opt_out = true;
     match store.apply(quit, lineage(0, 1), 1, now) {
-        Applied::OptedOut { user_key, partition, released } => {
+        Applied::OptedOut { user_key, partition, released, .. } => {
             assert_eq!(released, [0, 1]);
             assert_eq!(partition, 0);
             assert_eq!(user_key, store.pseudonymizer.key("u"), "tombstone key is the pseudonym");
@@ -259,4 +259,35 @@ fn a_second_record_with_a_held_event_id_is_a_duplicate() {
     assert!(!store.is_duplicate(&first, &lineage(0, 0)), "the same record read again");
     let other_user = Event { user_id: "v".into(), ..first };
     assert!(!store.is_duplicate(&other_user, &lineage(0, 2)), "ids are per user");
+}
+
+#[test]
+fn marks_from_the_publisher_reach_snapshots_sizes_and_deletions() {
+    let mut store = store(0);
+    let now = Instant::now();
+    store.restore(0, 3, Vec::new());
+    store.apply(event("u", 1_000), lineage(0, 1), 1, now);
+    store.apply(event("v", 1_000), lineage(0, 2), 2, now);
+    let key = store.pseudonymizer.key("u");
+    let member = Marks { segments: vec!["ready".into()], ..Marks::default() };
+
+    // Marks decided under an earlier epoch of the partition are ignored.
+    store.set_marks(&key, 2, member.clone().boxed());
+    assert_eq!(store.segment_sizes(&["ready".into()]), vec![("ready".into(), 0)]);
+    store.set_marks(&key, 3, member.clone().boxed());
+    let sizes = store.segment_sizes(&["ready".into(), "other".into()]);
+    assert_eq!(sizes, vec![("ready".into(), 1), ("other".into(), 0)]);
+
+    let (due, _) = store.take_due(now, 10);
+    let scored = due.iter().find(|r| r.context.facts.user_key == key).expect("u is due");
+    assert_eq!(scored.context.marks.as_deref(), Some(&member));
+    let snapshot = state::decode(scored.context.changelog.as_ref().unwrap()).unwrap();
+    assert_eq!(snapshot.marks, member);
+
+    let delete = Event { body: EventBody::DeleteUser, ..event("u", 2_000) };
+    match store.apply(delete, lineage(0, 3), 3, now) {
+        Applied::Deleted { marks, .. } => assert_eq!(marks.as_deref(), Some(&member)),
+        _ => panic!("a deletion"),
+    }
+    assert_eq!(store.segment_sizes(&["ready".into()]), vec![("ready".into(), 0)]);
 }
