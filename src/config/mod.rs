@@ -50,6 +50,74 @@ pub struct Config {
     pub state: StateConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Campaign segments evaluated on every signal record (`[[segments]]`).
+    #[serde(default)]
+    pub segments: Vec<SegmentConfig>,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// A campaign segment: the users whose latest signal record satisfies `rule`. Entering and
+/// leaving are published to `output.segments_topic`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentConfig {
+    /// Letters, digits, `_` and `-`; unique; part of the segments topic's record key.
+    pub name: String,
+    /// A condition over scores and interests, e.g.
+    /// `purchase_intent > 0.7 and price_sensitivity > 0.6` (grammar in
+    /// [`crate::actions::rule`]).
+    pub rule: String,
+}
+
+/// Service alerts for customer care, published to `output.alerts_topic`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Publish service alerts.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// `service_alert` score (1 - sentiment, for a review of an item bought earlier in the
+    /// window) at or above which the review raises an alert.
+    #[serde(default = "default_alert_threshold")]
+    pub threshold: f32,
+    /// Fall of the sentiment score from a user's previous record to the current one, ending
+    /// below 0.5, that raises a `falling_sentiment` alert.
+    #[serde(default = "default_frustration_drop")]
+    pub frustration_drop: f32,
+    /// Event-time period within which one user's alerts about one item are sent once.
+    #[serde(default = "default_dedup_period", with = "humantime_serde")]
+    pub dedup_period: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            enabled: true,
+            threshold: default_alert_threshold(),
+            frustration_drop: default_frustration_drop(),
+            dedup_period: default_dedup_period(),
+        }
+    }
+}
+
+fn default_alert_threshold() -> f32 {
+    0.6
+}
+fn default_frustration_drop() -> f32 {
+    0.3
+}
+fn default_dedup_period() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_segments_topic() -> String {
+    "mindstream-segments".into()
+}
+fn default_alerts_topic() -> String {
+    "mindstream-service-alerts".into()
+}
+fn default_top_items() -> usize {
+    5
 }
 
 /// The delivery guarantee of signal records, changelog writes and input offsets.
@@ -263,6 +331,13 @@ pub struct OutputConfig {
     /// Dead-letter topic for rejected input records.
     #[serde(default = "default_dlq_topic")]
     pub dlq_topic: String,
+    /// Segment entries and exits, keyed by `<user key>/<segment>`; used when segments are
+    /// configured.
+    #[serde(default = "default_segments_topic")]
+    pub segments_topic: String,
+    /// Service alerts, keyed by the user key; used while `alerts.enabled`.
+    #[serde(default = "default_alerts_topic")]
+    pub alerts_topic: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -354,6 +429,10 @@ pub struct InterestsConfig {
     /// Categories tracked per user (the least-weighted one is dropped beyond this).
     #[serde(default = "default_tracked")]
     pub tracked: usize,
+    /// Items of the window reported per record (`interest_items`), ranked by the same
+    /// decayed weights over the window's events.
+    #[serde(default = "default_top_items")]
+    pub top_items: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -378,6 +457,11 @@ pub struct HttpConfig {
     /// Most users whose latest record the lookup keeps (the most recently delivered ones).
     #[serde(default = "default_signals_lookup_capacity")]
     pub signals_lookup_capacity: usize,
+    /// Serve the console under `/console` (with `listen`): live signal distributions, segment
+    /// sizes, and a lookup of a pseudonymised key's window. It shows pseudonymised keys and
+    /// event ids, never raw user ids or text; off answers 404 there.
+    #[serde(default = "default_true")]
+    pub console: bool,
 }
 
 impl Default for HttpConfig {
@@ -386,6 +470,7 @@ impl Default for HttpConfig {
             listen: None,
             signals_lookup: true,
             signals_lookup_capacity: default_signals_lookup_capacity(),
+            console: true,
         }
     }
 }
@@ -503,6 +588,8 @@ impl Default for OutputConfig {
             signals_topic: default_signals_topic(),
             format: default_output_format(),
             dlq_topic: default_dlq_topic(),
+            segments_topic: default_segments_topic(),
+            alerts_topic: default_alerts_topic(),
         }
     }
 }
@@ -551,6 +638,7 @@ impl Default for InterestsConfig {
             half_life: default_half_life(),
             top_k: default_top_k(),
             tracked: default_tracked(),
+            top_items: default_top_items(),
         }
     }
 }
