@@ -138,3 +138,51 @@ fn io_binding_is_opt_in() {
     let err = load(&format!("{MINIMAL}\n[model]\nio_bindings = true\n"), &[]).unwrap_err();
     assert!(err.to_string().contains("io_bindings"), "{err}");
 }
+
+#[test]
+fn segments_are_read_and_a_bad_rule_is_named() {
+    let good = format!(
+        "{MINIMAL}\n[[segments]]\nname = \"ready\"\nrule = \"purchase_intent > 0.7\"\n\
+         [[segments]]\nname = \"carts-42\"\nrule = \"cart_abandonment > 0.8 and interest('42') > 0\"\n"
+    );
+    let config = load(&good, &[]).unwrap();
+    assert_eq!(config.segments.len(), 2);
+    assert_eq!(config.segments[1].name, "carts-42");
+
+    let bad = good.replace("purchase_intent > 0.7", "purchase_intent >> 0.7");
+    let message = load(&bad, &[]).unwrap_err().to_string();
+    assert!(message.contains("segments[0].rule") && message.contains("`ready`"), "{message}");
+    assert!(message.contains("at character 17"), "{message}");
+
+    let twice = good.replace("carts-42", "ready");
+    let message = load(&twice, &[]).unwrap_err().to_string();
+    assert!(message.contains("segments[1].name") && message.contains("twice"), "{message}");
+
+    let spaced = good.replace("carts-42", "carts 42");
+    let message = load(&spaced, &[]).unwrap_err().to_string();
+    assert!(message.contains("segments[1].name"), "{message}");
+}
+
+#[test]
+fn segments_and_alerts_come_from_the_environment_too() {
+    let env = [
+        ("MINDSTREAM__SEGMENTS", "[{ name = \"ready\", rule = \"purchase_intent > 0.7\" }]"),
+        ("MINDSTREAM__ALERTS__THRESHOLD", "0.8"),
+    ];
+    let config = load(MINIMAL, &env).unwrap();
+    assert_eq!(config.segments[0].name, "ready");
+    assert_eq!(config.alerts.threshold, 0.8);
+
+    let message = load(MINIMAL, &[("MINDSTREAM__ALERTS__THRESHOLD", "1.5")]).unwrap_err();
+    assert!(message.to_string().contains("alerts.threshold"), "{message}");
+}
+
+#[test]
+fn the_alerts_topic_must_differ_from_the_others() {
+    let clash = format!("{MINIMAL}\n[alerts]\nenabled = true\n")
+        .replace("dlq_topic = \"dlq\"", "dlq_topic = \"dlq\"\nalerts_topic = \"signals\"");
+    let message = load(&clash, &[]).unwrap_err().to_string();
+    assert!(message.contains("output.alerts_topic"), "{message}");
+    let off = clash.replace("enabled = true", "enabled = false");
+    assert!(load(&off, &[]).is_ok(), "an unused topic name is not checked");
+}
