@@ -204,13 +204,14 @@ fn request(state: &UserState) -> Request {
     let segments: Vec<Segment> = render::render(state);
     let count = state.events().len();
     let candidates = (count.saturating_sub(EXPLAIN_CANDIDATES)..count).collect();
-    ScoreRequest { segments, candidates, context: 0 }
+    ScoreRequest { segments, candidates, focus: None, context: 0 }
 }
 
 fn clone_request(request: &Request) -> Request {
     ScoreRequest {
         segments: request.segments.clone(),
         candidates: request.candidates.clone(),
+        focus: request.focus.clone(),
         context: request.context,
     }
 }

@@ -90,9 +90,8 @@ pub fn score_file(
     for outcome in result_rx.iter() {
         let scored = outcome?;
         let explain_top = config.scoring.explain_top;
-        let facts = scored.context.facts;
-        let (full, without, kept) = (&scored.full, &scored.without, &scored.kept);
-        records.push(signals::build(&card, &facts, full, without, kept, explain_top, now));
+        let model = signals::ModelScores::from(&scored);
+        records.push(signals::build(&card, &scored.context.facts, model, explain_top, now));
     }
     feeder.join().map_err(|_| OfflineError::WorkersGone)?;
     for worker in workers {

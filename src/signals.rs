@@ -127,17 +127,39 @@ impl WindowFacts {
     }
 }
 
-/// Builds the record from the whole-window scores (`full`), the scores with each candidate
-/// left out (`without`), and the events that reached the model (`kept`, window indices).
+/// What the model returned for one window.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelScores<'a> {
+    /// The whole window's scores, one per head.
+    pub full: &'a [f32],
+    /// The scores with each candidate event (a window index) left out.
+    pub without: &'a [(usize, Vec<f32>)],
+    /// Window indices of the events that reached the model.
+    pub kept: &'a [usize],
+    /// The scores of the review a service alert would be about, scored on its own.
+    pub focus: Option<&'a [f32]>,
+}
+
+impl<'a, C> From<&'a crate::model::batcher::Scored<C>> for ModelScores<'a> {
+    fn from(scored: &'a crate::model::batcher::Scored<C>) -> Self {
+        ModelScores {
+            full: &scored.full,
+            without: &scored.without,
+            kept: &scored.kept,
+            focus: scored.focus.as_deref(),
+        }
+    }
+}
+
+/// Builds the record from the model's scores of the window.
 pub fn build(
     card: &ModelCard,
     facts: &WindowFacts,
-    full: &[f32],
-    without: &[(usize, Vec<f32>)],
-    kept: &[usize],
+    model: ModelScores<'_>,
     explain_top: usize,
     produced_at_ms: i64,
 ) -> SignalRecord {
+    let ModelScores { full, without, kept, .. } = model;
     let seen: Vec<&WindowEvent> = kept.iter().map(|&i| &facts.events[i]).collect();
     let mut scores = Vec::with_capacity(card.signals.len() + card.derived.len());
     for (index, spec) in card.signals.iter().enumerate() {
@@ -147,7 +169,7 @@ pub fn build(
         let deltas = without.iter().map(|(event, w)| (*event, full[index] - w[index]));
         scores.push(score(spec, full[index], deltas, &facts.events, explain_top));
     }
-    if let Some(alert) = service_alert(card, facts, full, without, kept, explain_top) {
+    if let Some(alert) = service_alert(card, facts, model, explain_top) {
         scores.push(alert);
     }
 
@@ -205,32 +227,39 @@ fn score(
     Score { signal: spec.name.clone(), value, status: spec.status.as_str().to_owned(), top_events }
 }
 
-/// `service_alert = 1 - sentiment` when the model saw a review of an item bought earlier in
-/// the window; absent otherwise. Its explanation applies the same rule to each leave-one-out
-/// variant, so removing the review or the purchase shows as the whole score.
+/// `service_alert = 1 - sentiment` of the newest review of an item bought earlier in the
+/// window, scored on its own (as the sentiment head learned reviews; in a window mixed with
+/// clicks it reads them poorly); absent when the model saw no such review. Without a focus
+/// score the whole window's sentiment stands in. Its explanation applies the same rule to
+/// each leave-one-out variant, so removing the review or the purchase shows as the whole
+/// score.
 fn service_alert(
     card: &ModelCard,
     facts: &WindowFacts,
-    full: &[f32],
-    without: &[(usize, Vec<f32>)],
-    kept: &[usize],
+    model: ModelScores<'_>,
     explain_top: usize,
 ) -> Option<Score> {
     let spec = card.derived.iter().find(|s| s.name == SERVICE_ALERT)?;
     let sentiment = card.signal_index(SENTIMENT)?;
-    let rule = |skip: Option<usize>, scores: &[f32]| -> f32 {
-        let seen = kept.iter().filter(|&&i| Some(i) != skip).map(|&i| &facts.events[i]);
-        if AppliesWhen::ReviewOfBoughtItem.holds(seen) {
-            1.0 - scores[sentiment]
-        } else {
-            0.0
-        }
-    };
+    let kept = model.kept;
     if !spec.applies_when.holds(kept.iter().map(|&i| &facts.events[i])) {
         return None;
     }
-    let value = rule(None, full);
-    let deltas = without.iter().map(|(event, w)| (*event, value - rule(Some(*event), w)));
+    let focused = crate::window::newest_review_of_bought_item(facts.events.iter())
+        .and_then(|review| facts.events.iter().position(|e| std::ptr::eq(e, review)));
+    let rule = |skip: Option<usize>, scores: &[f32]| -> f32 {
+        let seen = kept.iter().filter(|&&i| Some(i) != skip).map(|&i| &facts.events[i]);
+        if !AppliesWhen::ReviewOfBoughtItem.holds(seen) {
+            return 0.0;
+        }
+        match model.focus {
+            Some(focus) if focused.is_some() && skip != focused => 1.0 - focus[sentiment],
+            _ => 1.0 - scores[sentiment],
+        }
+    };
+    let value = rule(None, model.full);
+    let deltas =
+        model.without.iter().map(|(event, w)| (*event, value - rule(Some(*event), w)));
     Some(score(spec, value, deltas, &facts.events, explain_top))
 }
 

@@ -23,7 +23,7 @@ use crate::event::Format;
 use crate::proto::signals as pb;
 use crate::render;
 use crate::signals::{RecordLineage, SignalRecord, SENTIMENT, SERVICE_ALERT};
-use crate::window::WindowEvent;
+use crate::window::{newest_review_of_bought_item, WindowEvent};
 
 use super::{ActionKind, ActionRecord, Alerted, Marks};
 
@@ -149,7 +149,7 @@ impl AlertRules {
     ) -> Option<(AlertReason, &'a WindowEvent)> {
         let alert = record.score(SERVICE_ALERT).map(|s| s.value);
         if alert.is_some_and(|value| value >= self.threshold) {
-            if let Some(review) = newest_review_of_bought_item(events) {
+            if let Some(review) = newest_review_of_bought_item(events.iter()) {
                 return Some((AlertReason::NegativeReviewOfPurchase, review));
             }
         }
@@ -193,17 +193,6 @@ impl AlertRules {
             kind: ActionKind::Alert(reason),
         }
     }
-}
-
-/// The newest review of an item bought before it in the window (the window is in event-time
-/// order).
-fn newest_review_of_bought_item(events: &[WindowEvent]) -> Option<&WindowEvent> {
-    events.iter().enumerate().rev().find_map(|(i, event)| {
-        let bought = event.is_review()
-            && !event.item_id.is_empty()
-            && events[..i].iter().any(|e| e.is_buy() && e.item_id == event.item_id);
-        bought.then_some(event)
-    })
 }
 
 fn to_proto(alert: &ServiceAlert) -> pb::ServiceAlert {

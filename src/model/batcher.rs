@@ -36,6 +36,9 @@ pub struct ScoreRequest<C> {
     pub segments: Vec<Segment>,
     /// Window event indices to leave out one at a time, for explanations.
     pub candidates: Vec<usize>,
+    /// A text scored on its own besides the window: the review a service alert would be
+    /// about, rendered as the one-event window the sentiment head learned reviews from.
+    pub focus: Option<Vec<Segment>>,
     pub context: C,
 }
 
@@ -50,6 +53,8 @@ pub struct Scored<C> {
     pub kept: Vec<usize>,
     /// Tokens in the whole-window sequence.
     pub tokens: usize,
+    /// Scores of the request's `focus` text, when it had one.
+    pub focus: Option<Vec<f32>>,
 }
 
 impl BatchConfig {
@@ -112,6 +117,8 @@ struct Prepared<C> {
     /// Event index of `sequences[i + 1]`.
     left_out: Vec<usize>,
     kept: Vec<usize>,
+    /// Whether the last sequence is the request's focus text.
+    focus: bool,
 }
 
 impl<C> Worker<C> {
@@ -164,10 +171,21 @@ impl<C> Worker<C> {
         let kept: Vec<usize> = encoded.events.iter().map(|(event, _)| *event).collect();
         let left_out: Vec<usize> =
             request.candidates.iter().copied().filter(|c| kept.contains(c)).collect();
-        let mut sequences = Vec::with_capacity(left_out.len() + 1);
+        let mut sequences = Vec::with_capacity(left_out.len() + 2);
         sequences.extend(left_out.iter().map(|&event| encoded.without(event)));
         sequences.insert(0, encoded.ids);
-        Ok(Prepared { context: request.context, sequences, left_out, kept })
+        let focus = match &request.focus {
+            Some(segments) => {
+                let focused = self
+                    .tokenizer
+                    .encode_window(segments, self.config.max_tokens)
+                    .map_err(|e| ModelError::Contract(e.to_string()))?;
+                sequences.push(focused.ids);
+                true
+            }
+            None => false,
+        };
+        Ok(Prepared { context: request.context, sequences, left_out, kept, focus })
     }
 
     /// Scores the pool in length-sorted batches and sends each request's result as soon as its
@@ -218,9 +236,10 @@ impl<C> Worker<C> {
 
 fn finish<C>(prepared: Prepared<C>, mut rows: Vec<Vec<f32>>) -> Scored<C> {
     let tokens = prepared.sequences[0].len();
+    let focus = if prepared.focus { rows.pop() } else { None };
     let full = std::mem::take(&mut rows[0]);
     let without = prepared.left_out.into_iter().zip(rows.into_iter().skip(1)).collect();
-    Scored { context: prepared.context, full, without, kept: prepared.kept, tokens }
+    Scored { context: prepared.context, full, without, kept: prepared.kept, tokens, focus }
 }
 
 /// Cuts sequences sorted by ascending `lengths` into consecutive batches of at most

@@ -173,10 +173,10 @@ impl Publisher {
     /// Builds a scoring's record and what it gives rise to, and hands them, with the
     /// changelog state, to the sink.
     async fn publish_one(&self, remembered: &mut Remembered, scored: Scored<Scoring<OffsetRef>>) {
-        let Scoring { facts, pending, partition, epoch, mut changelog, marks, .. } = scored.context;
         let now = crate::time::now_ms();
-        let (full, without, kept) = (&scored.full, &scored.without, &scored.kept);
-        let record = signals::build(&self.card, &facts, full, without, kept, self.explain_top, now);
+        let model = signals::ModelScores::from(&scored);
+        let record = signals::build(&self.card, &scored.context.facts, model, self.explain_top, now);
+        let Scoring { facts, pending, partition, epoch, mut changelog, marks, .. } = scored.context;
 
         let mut derived = Vec::new();
         if !self.actions.is_empty() {

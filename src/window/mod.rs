@@ -165,6 +165,20 @@ pub struct Interest {
     pub weight: f32,
 }
 
+/// The newest review, in a window in event-time order, of an item bought before it: what a
+/// service alert is about.
+pub fn newest_review_of_bought_item<'a>(
+    events: impl Iterator<Item = &'a WindowEvent>,
+) -> Option<&'a WindowEvent> {
+    let events: Vec<&WindowEvent> = events.collect();
+    events.iter().enumerate().rev().find_map(|(i, event)| {
+        let bought = event.is_review()
+            && !event.item_id.is_empty()
+            && events[..i].iter().any(|e| e.is_buy() && e.item_id == event.item_id);
+        bought.then_some(*event)
+    })
+}
+
 /// One item's share of a window's interest (see [`UserState::top_items`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ItemInterest {
