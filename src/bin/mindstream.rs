@@ -213,17 +213,30 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
         .signals_lookup
         .then(|| Arc::new(LatestSignals::new(config.http.signals_lookup_capacity)));
 
+    // The console needs the server; its window questions go to the consume loop.
+    let (console, windows) = if config.http.listen.is_some() && config.http.console {
+        let (access, windows) = mindstream::console::Access::new(segment_names(&config));
+        (Some(access), Some(windows))
+    } else {
+        (None, None)
+    };
+
     let result = runtime.block_on(async {
         // Listening before the model loads: a probe sees a live process that is not ready.
         if let Some(listen) = config.http.listen {
-            let served =
-                mindstream::http::serve(listen, metrics, health.clone(), latest.clone()).await;
+            let (health, latest, access) = (health.clone(), latest.clone(), console.clone());
+            let served = mindstream::http::serve(listen, metrics, health, latest, access).await;
             if let Err(err) = served {
                 return Err(cli::report(&err, EXIT_FAILURE));
             }
         }
         let model = load_model(&config).await?;
-        let reporting = pipeline::Reporting { health, latest, console: None, windows: None };
+        // Segment rules parsed with the config; the signals they name are known only now.
+        if let Err(err) = mindstream::actions::Actions::compile(&config, &model.card) {
+            return Err(cli::report(&err, EXIT_USAGE));
+        }
+        let console = console.map(|access| access.console);
+        let reporting = pipeline::Reporting { health, latest, console, windows };
         // On a worker thread: the pipeline makes short blocking broker queries in place.
         let pipeline = tokio::spawn(pipeline::run(config, model, key, reporting, options));
         match pipeline.await {
@@ -235,6 +248,11 @@ fn run(config: Config, options: RunOptions) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(code) => code,
     }
+}
+
+/// The configured segment names, for the console.
+fn segment_names(config: &Config) -> Vec<String> {
+    config.segments.iter().map(|s| s.name.clone()).collect()
 }
 
 /// Loads the model off the runtime's threads, logs it and sets `mindstream_model_info`.

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod console;
 mod delivery;
 mod deploy;
 mod explanations;
