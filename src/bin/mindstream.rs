@@ -308,6 +308,13 @@ fn summarise(
         Err(err) => return cli::report(&err, EXIT_FAILURE),
     };
     print!("{}", summary::render(&back, topic, config.output.format, examples));
+    let segments_topic = (!config.segments.is_empty()).then_some(&*config.output.segments_topic);
+    let alerts_topic = config.alerts.enabled.then_some(&*config.output.alerts_topic);
+    let format = config.output.format;
+    match summary::read_actions(&client, segments_topic, alerts_topic, format, timeout) {
+        Ok(actions) => print!("{}", summary::render_actions(&actions)),
+        Err(err) => return cli::report(&err, EXIT_FAILURE),
+    }
     if let Some(path) = latest_out {
         let lines: String = back
             .latest

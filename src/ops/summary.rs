@@ -1,7 +1,7 @@
 //! `mindstream summary`: reads a signal topic from the beginning to its end, keeps each user's
 //! latest record (highest version), and prints what a marketer would ask first: how many
 //! users, how each signal is distributed, and a few users with the events behind their
-//! scores.
+//! scores; then the segment sizes and the service alerts, from their topics.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -12,6 +12,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::actions::alerts;
+use crate::actions::segments::{self, Change, SegmentChange};
 use crate::event::Format;
 use crate::signals::{self, SignalRecord};
 
@@ -46,13 +48,33 @@ pub struct ReadBack {
 pub const QUIET: Duration = Duration::from_millis(1500);
 
 /// Reads `topic` from the beginning until the high watermarks seen at the start are reached
-/// and no record has come for [`QUIET`].
+/// and no record has come for [`QUIET`], keeping each user's latest signal record.
 pub fn read_latest(
     client: &ClientConfig,
     topic: &str,
     format: Format,
     timeout: Duration,
 ) -> Result<ReadBack, SummaryError> {
+    let mut back = ReadBack::default();
+    read_topic(client, topic, timeout, |_, payload| {
+        back.records += 1;
+        let Some(payload) = payload else { return };
+        match signals::decode(format, payload) {
+            Ok(record) => back.keep(record),
+            Err(_) => back.undecodable += 1,
+        }
+    })?;
+    Ok(back)
+}
+
+/// Reads `topic` from the beginning to its end (as [`read_latest`] does), handing each
+/// record's key and value to `each`.
+fn read_topic(
+    client: &ClientConfig,
+    topic: &str,
+    timeout: Duration,
+    mut each: impl FnMut(Option<&[u8]>, Option<&[u8]>),
+) -> Result<(), SummaryError> {
     let kafka = |source| SummaryError::Kafka { topic: topic.into(), source };
     let mut client = client.clone();
     let group = format!("mindstream-summary-{}", std::process::id());
@@ -79,7 +101,6 @@ pub fn read_latest(
     consumer.assign(&list).map_err(kafka)?;
 
     let deadline = Instant::now() + timeout;
-    let mut back = ReadBack::default();
     let mut last_record = Instant::now();
     while !ends.is_empty() || last_record.elapsed() < QUIET {
         if Instant::now() > deadline {
@@ -91,14 +112,111 @@ pub fn read_latest(
         if ends.get(&message.partition()).is_some_and(|&end| message.offset() + 1 >= end) {
             ends.remove(&message.partition());
         }
-        back.records += 1;
-        let Some(payload) = message.payload() else { continue };
-        match signals::decode(format, payload) {
-            Ok(record) => back.keep(record),
-            Err(_) => back.undecodable += 1,
+        each(message.key(), message.payload());
+    }
+    Ok(())
+}
+
+/// What the segments and alerts topics held.
+#[derive(Debug, Default)]
+pub struct ActionsBack {
+    /// Per segment: entries, exits, and users whose latest record is an entry.
+    pub segments: BTreeMap<String, SegmentCounts>,
+    /// Alerts per reason.
+    pub alerts: BTreeMap<&'static str, usize>,
+    /// Alerts about distinct (user, item) pairs.
+    pub alerted_pairs: usize,
+    pub undecodable: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentCounts {
+    pub entered: usize,
+    pub left: usize,
+    pub members: usize,
+}
+
+/// Reads the segments topic (when `segments_topic` is given) and the alerts topic (when
+/// `alerts_topic` is given) to their ends.
+pub fn read_actions(
+    client: &ClientConfig,
+    segments_topic: Option<&str>,
+    alerts_topic: Option<&str>,
+    format: Format,
+    timeout: Duration,
+) -> Result<ActionsBack, SummaryError> {
+    let mut back = ActionsBack::default();
+    if let Some(topic) = segments_topic {
+        // The latest change per key, kept by version as a consumer would.
+        let mut latest: BTreeMap<Vec<u8>, Option<SegmentChange>> = BTreeMap::new();
+        read_topic(client, topic, timeout, |key, payload| {
+            let key = key.unwrap_or_default().to_vec();
+            let Some(payload) = payload else {
+                latest.insert(key, None);
+                return;
+            };
+            let Ok(change) = segments::decode(format, payload) else {
+                back.undecodable += 1;
+                return;
+            };
+            let counts = back.segments.entry(change.segment.clone()).or_default();
+            match change.change {
+                Change::Entered => counts.entered += 1,
+                Change::Left => counts.left += 1,
+            }
+            let newer = match latest.get(&key) {
+                Some(Some(previous)) => change.version > previous.version,
+                _ => true,
+            };
+            if newer {
+                latest.insert(key, Some(change));
+            }
+        })?;
+        for change in latest.into_values().flatten() {
+            if change.change == Change::Entered {
+                back.segments.entry(change.segment).or_default().members += 1;
+            }
         }
     }
+    if let Some(topic) = alerts_topic {
+        let mut pairs = std::collections::BTreeSet::new();
+        read_topic(client, topic, timeout, |_, payload| {
+            let Some(payload) = payload else { return };
+            match alerts::decode(format, payload) {
+                Ok(alert) => {
+                    *back.alerts.entry(alert.reason.as_str()).or_default() += 1;
+                    pairs.insert((alert.user_key, alert.item_id));
+                }
+                Err(_) => back.undecodable += 1,
+            }
+        })?;
+        back.alerted_pairs = pairs.len();
+    }
     Ok(back)
+}
+
+/// The printed summary of the segments and alerts topics.
+pub fn render_actions(back: &ActionsBack) -> String {
+    let mut out = String::new();
+    if !back.segments.is_empty() {
+        let _ = writeln!(out, "segments (from the segments topic)");
+        let _ =
+            writeln!(out, "  {:<24} {:>8} {:>8} {:>8}", "segment", "members", "entered", "left");
+        for (segment, counts) in &back.segments {
+            let SegmentCounts { entered, left, members } = counts;
+            let _ = writeln!(out, "  {segment:<24} {members:>8} {entered:>8} {left:>8}");
+        }
+        out.push('\n');
+    }
+    let total: usize = back.alerts.values().sum();
+    let _ = writeln!(out, "service alerts: {total} about {} user-item pairs", back.alerted_pairs);
+    for (reason, count) in &back.alerts {
+        let _ = writeln!(out, "  {reason:<30} {count}");
+    }
+    if back.undecodable > 0 {
+        let _ = writeln!(out, "  undecodable records: {}", back.undecodable);
+    }
+    out
 }
 
 impl ReadBack {
