@@ -22,6 +22,8 @@ use crate::support::{self, Broker, Processor};
 const CUSTOMERS: usize = 150;
 /// Buyers given a review of what they bought.
 const REVIEWERS: usize = 8;
+/// The segment configured for the test: users with a churn risk above one half.
+const SEGMENT: &str = "churning";
 /// Longest wait for the processor to be ready or to finish scoring.
 const PATIENCE: Duration = Duration::from_secs(120);
 /// How long the scored count must stay the same before the replay counts as scored.
@@ -51,9 +53,12 @@ fn the_console_shows_a_replay_in_a_browser() {
             "[[inputs]]\ntopic = \"{input_topic}\"\nformat = \"json\"\n\
              [output]\nsignals_topic = \"{signals_topic}\"\nformat = \"json\"\n\
              dlq_topic = \"{}\"\n\
+             segments_topic = \"{}\"\n\
              [scoring]\ncoalesce = \"100ms\"\nexplain_candidates = 3\n\
-             [http]\nlisten = \"{http}\"\n",
-            support::unique("dlq")
+             [http]\nlisten = \"{http}\"\n\
+             [[segments]]\nname = \"{SEGMENT}\"\nrule = \"churn_risk > 0.5\"\n",
+            support::unique("dlq"),
+            support::unique("segments")
         ),
     );
     let mut create = support::mindstream();
@@ -66,12 +71,14 @@ fn the_console_shows_a_replay_in_a_browser() {
     replay.args(["--config", path_str(&config), "replay", "--input", path_str(&input)]);
     replay.args(["--topic", &input_topic, "--format", "json"]);
     support::assert_success(&support::run_with_limit(replay, Duration::from_secs(60)), "replay");
-    let overview = wait_until_scored(&http, &mut processor);
+    wait_until_scored(&http, &mut processor);
+    let overview = wait_until_sampled(&http, &mut processor);
 
     let (key, view) = explained_user(&http, &replayed);
     let url = format!("http://{http}/console#user={key}");
     let dom = dump_dom(&chromium, dir.path(), &url);
     check_distributions(&dom, &overview);
+    check_segments(&dom, &overview);
     check_timeline(&dom, &view);
     check_nothing_raw(&dom, &replayed, &key);
 
@@ -163,6 +170,35 @@ fn wait_until_scored(http: &str, processor: &mut Processor) -> serde_json::Value
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The overview once a segment-size sample taken after scoring settled shows members (sizes
+/// are sampled every 10 s).
+fn wait_until_sampled(http: &str, processor: &mut Processor) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let overview = get_json(http, "/console/api/overview");
+        let latest = overview["segment_samples"].as_array().and_then(|s| s.last()).cloned();
+        if latest.is_some_and(|s| s["sizes"][SEGMENT].as_u64().unwrap_or(0) > 0) {
+            return overview;
+        }
+        assert!(processor.exited().is_none(), "the processor exited\n{}", processor.log_tail());
+        assert!(Instant::now() < deadline, "no segment members sampled: {overview}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The segment's row shows the last sampled size, the same as the overview's.
+fn check_segments(dom: &str, overview: &serde_json::Value) {
+    let sampled = overview["segment_samples"].as_array().and_then(|s| s.last()).cloned();
+    let size = sampled.map_or(0, |s| s["sizes"][SEGMENT].as_u64().unwrap_or(0));
+    let row = dom
+        .split(&format!("data-segment=\"{SEGMENT}\""))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row for segment {SEGMENT}:\n{dom:.3000}"));
+    let shown = between(row, "<span class=\"size\">", "</span>").map(str::trim);
+    assert_eq!(shown, Some(size.to_string().as_str()), "the segment's size on the page");
+    assert!(size > 0, "the segment has members");
 }
 
 /// The user with the longest window among those whose latest record's explanation names
