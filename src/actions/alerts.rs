@@ -136,7 +136,13 @@ impl AlertRules {
             .alerted
             .push(Alerted { item_id: review.item_id.clone(), at_ms: review.event_time_ms });
         let previous = (reason == AlertReason::FallingSentiment).then_some(previous).flatten();
-        out.push(self.alert(record, review, reason, previous));
+        // Reviews carry no category; the item's click events do.
+        let category = events
+            .iter()
+            .rev()
+            .find(|e| e.item_id == review.item_id && !e.category_id.is_empty())
+            .map_or("", |e| e.category_id.as_str());
+        out.push(self.alert(record, review, category, reason, previous));
     }
 
     /// The rule that fires, with the review it is about.
@@ -165,6 +171,7 @@ impl AlertRules {
         &self,
         record: &SignalRecord,
         review: &WindowEvent,
+        category_id: &str,
         reason: AlertReason,
         previous_sentiment: Option<f32>,
     ) -> ActionRecord {
@@ -173,7 +180,7 @@ impl AlertRules {
             user_key: record.user_key.clone(),
             reason,
             item_id: review.item_id.to_string(),
-            category_id: review.category_id.to_string(),
+            category_id: category_id.to_owned(),
             review: ReviewRef {
                 event_id: review.event_id.to_string(),
                 event_time_ms: review.event_time_ms,

@@ -177,6 +177,7 @@ fn a_buyers_negative_review_alerts_once_per_item_and_period() {
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].reason, AlertReason::NegativeReviewOfPurchase);
     assert_eq!((alerts[0].item_id.as_str(), alerts[0].review.event_id.as_str()), ("item-1", "r1"));
+    assert_eq!(alerts[0].category_id, "c", "the bought item's category");
 
     // The same review seen again, and a second review of the item a day later: suppressed.
     let again = actions.derive(&record(2, &negative, &[]), &events, &first.marks);

@@ -1,6 +1,7 @@
 //! Integration tests: the real binaries against a real Kafka-protocol broker (Tansu), the
 //! shipped model, and real public data.
 
+mod actions;
 mod bad_input;
 mod cli;
 mod console;
