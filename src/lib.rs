@@ -11,12 +11,13 @@
 //! - [`render`] and [`tokenize`]: a window as model text and token ids;
 //! - [`model`]: the model card, ONNX Runtime sessions and the batching workers;
 //! - [`signals`]: records built from scores, with explanations and interests;
+//! - [`actions`]: segment changes and service alerts derived from each record;
 //! - [`sink`]: signal records, changelog state and rejected records out, and [`offsets`]: which
 //!   input offsets may be committed once they are delivered;
 //! - [`pipeline`]: the processor that wires these together.
 //!
-//! Around them: [`config`] and [`cli`] (start-up), [`metrics`], [`http`] and [`lookup`] (what
-//! operators and integrators read), [`offline`] (the same path over a file), [`ops`] (topics,
+//! Around them: [`config`] and [`cli`] (start-up), [`metrics`], [`http`], [`lookup`] and
+//! [`console`] (what operators, integrators and marketers read), [`offline`] (the same path over a file), [`ops`] (topics,
 //! replay, summary), [`import`] (public data sets into events), [`train`]
 //! (`mindstream-train`), [`proto`] (generated types) and [`time`].
 

@@ -59,9 +59,14 @@ fn prometheus_scrapes_a_replay() {
         &format!(
             "[[inputs]]\ntopic = \"{}\"\nformat = \"json\"\n\
              [output]\nsignals_topic = \"{}\"\nformat = \"json\"\ndlq_topic = \"{}\"\n\
+             segments_topic = \"{}\"\n\
              [scoring]\ncoalesce = \"100ms\"\nexplain_candidates = 2\n\
-             [http]\nlisten = \"{http}\"\n",
-            topics.input, topics.signals, topics.dlq
+             [http]\nlisten = \"{http}\"\n\
+             [[segments]]\nname = \"churning\"\nrule = \"churn_risk > 0.5\"\n",
+            topics.input,
+            topics.signals,
+            topics.dlq,
+            support::unique("segments")
         ),
     );
     let mut create = support::mindstream();
@@ -101,6 +106,10 @@ fn prometheus_scrapes_a_replay() {
         "{delivered} signal records for {} users and {EVENTS} events",
         users.len()
     );
+    // Most CDNOW customers score a churn risk above one half (docs/evaluation).
+    let entered = prometheus
+        .wait_for("sum(mindstream_segment_changes_total{change=\"entered\"})", |v| v >= 1.0);
+    assert!(entered >= 1.0 && entered <= delivered, "{entered} segment entries");
     let p99 = prometheus
         .scalar("histogram_quantile(0.99, sum by (le) (mindstream_end_to_end_seconds_bucket))");
     assert!(p99 > 0.0 && p99 <= 60.0, "end-to-end p99 of {p99} s");
