@@ -258,8 +258,7 @@ fn service_alert(
         }
     };
     let value = rule(None, model.full);
-    let deltas =
-        model.without.iter().map(|(event, w)| (*event, value - rule(Some(*event), w)));
+    let deltas = model.without.iter().map(|(event, w)| (*event, value - rule(Some(*event), w)));
     Some(score(spec, value, deltas, &facts.events, explain_top))
 }
 

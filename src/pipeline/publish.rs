@@ -175,7 +175,8 @@ impl Publisher {
     async fn publish_one(&self, remembered: &mut Remembered, scored: Scored<Scoring<OffsetRef>>) {
         let now = crate::time::now_ms();
         let model = signals::ModelScores::from(&scored);
-        let record = signals::build(&self.card, &scored.context.facts, model, self.explain_top, now);
+        let record =
+            signals::build(&self.card, &scored.context.facts, model, self.explain_top, now);
         let Scoring { facts, pending, partition, epoch, mut changelog, marks, .. } = scored.context;
 
         let mut derived = Vec::new();
