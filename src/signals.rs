@@ -136,7 +136,8 @@ pub struct ModelScores<'a> {
     pub without: &'a [(usize, Vec<f32>)],
     /// Window indices of the events that reached the model.
     pub kept: &'a [usize],
-    /// The scores of the review a service alert would be about, scored on its own.
+    /// The scores of the window's focus review ([`crate::window::focus_review`]), scored on
+    /// its own.
     pub focus: Option<&'a [f32]>,
 }
 
@@ -245,6 +246,7 @@ fn service_alert(
     if !spec.applies_when.holds(kept.iter().map(|&i| &facts.events[i])) {
         return None;
     }
+    // The focus is the review of a bought item when the window has one (see `focus_review`).
     let focused = crate::window::newest_review_of_bought_item(facts.events.iter())
         .and_then(|review| facts.events.iter().position(|e| std::ptr::eq(e, review)));
     let rule = |skip: Option<usize>, scores: &[f32]| -> f32 {

@@ -4,9 +4,9 @@
 //! - `negative_review_of_purchase`: the record's `service_alert` score (1 - sentiment, present
 //!   only when the window holds a review of an item bought earlier in it) is at least
 //!   `alerts.threshold`. The alert names the newest such review.
-//! - `falling_sentiment`: the record's sentiment fell by at least `alerts.frustration_drop`
-//!   from the user's previous record that had one, to below 0.5. The alert names the newest
-//!   review.
+//! - `falling_sentiment`: the sentiment of the review the record is about (the window's focus
+//!   review, scored on its own) fell by at least `alerts.frustration_drop` from the one of the
+//!   user's previous record with a review, to below 0.5. The alert names that review.
 //!
 //! One alert per user and item within `alerts.dedup_period` of event time: a review within
 //! the period after the review that last alerted about the same item raises none. A review
@@ -23,7 +23,7 @@ use crate::event::Format;
 use crate::proto::signals as pb;
 use crate::render;
 use crate::signals::{RecordLineage, SignalRecord, SENTIMENT, SERVICE_ALERT};
-use crate::window::{newest_review_of_bought_item, WindowEvent};
+use crate::window::{focus_review, newest_review_of_bought_item, WindowEvent};
 
 use super::{ActionKind, ActionRecord, Alerted, Marks};
 
@@ -100,6 +100,7 @@ impl AlertRules {
         &self,
         record: &SignalRecord,
         events: &[WindowEvent],
+        review_sentiment: Option<f32>,
         marks: &mut Marks,
         out: &mut Vec<ActionRecord>,
         suppressed: &mut Vec<AlertReason>,
@@ -107,7 +108,8 @@ impl AlertRules {
         let newest = events.iter().map(|e| e.event_time_ms).max().unwrap_or(i64::MIN);
         marks.alerted.retain(|a| a.at_ms >= newest.saturating_sub(self.period_ms));
         let previous = marks.sentiment;
-        let sentiment = record.score(SENTIMENT).map(|s| s.value);
+        // The review scored on its own; the window's sentiment where the model gave no focus.
+        let sentiment = review_sentiment.or_else(|| record.score(SENTIMENT).map(|s| s.value));
         if sentiment.is_some() {
             marks.sentiment = sentiment;
         }
@@ -161,7 +163,7 @@ impl AlertRules {
         }
         let (previous, now) = (previous?, sentiment?);
         if previous - now >= self.frustration_drop && now < 0.5 {
-            let review = events.iter().rev().find(|e| e.is_review())?;
+            let review = focus_review(events.iter())?;
             return Some((AlertReason::FallingSentiment, review));
         }
         None

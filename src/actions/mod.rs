@@ -30,7 +30,8 @@ use self::segments::Segments;
 pub struct Marks {
     /// Names of the segments the user is in.
     pub segments: Vec<CompactString>,
-    /// Sentiment score of the user's latest record that carried one.
+    /// Sentiment of the review the user's latest record with one was about (its focus
+    /// review, scored on its own).
     pub sentiment: Option<f32>,
     /// Items a service alert was sent about, each with the event time of the review that
     /// raised it; entries older than `alerts.dedup_period` behind the user's newest event are
@@ -117,14 +118,23 @@ impl Actions {
     }
 
     /// The records `record` gives rise to, and the user's marks after it. `events` is the
-    /// window the record was computed from; `marks` the user's marks before it.
-    pub fn derive(&self, record: &SignalRecord, events: &[WindowEvent], marks: &Marks) -> Derived {
+    /// window the record was computed from; `marks` the user's marks before it;
+    /// `review_sentiment` the sentiment of the window's focus review scored on its own
+    /// ([`crate::window::focus_review`]), when the model scored one.
+    pub fn derive(
+        &self,
+        record: &SignalRecord,
+        events: &[WindowEvent],
+        marks: &Marks,
+        review_sentiment: Option<f32>,
+    ) -> Derived {
         let mut records = Vec::new();
         let mut next = marks.clone();
         next.segments = self.segments.evaluate(record, &marks.segments, &mut records);
         let mut suppressed = Vec::new();
         if let Some(alerts) = &self.alerts {
-            alerts.evaluate(record, events, &mut next, &mut records, &mut suppressed);
+            let sentiment = review_sentiment;
+            alerts.evaluate(record, events, sentiment, &mut next, &mut records, &mut suppressed);
         }
         Derived { records, marks: next, suppressed }
     }

@@ -76,7 +76,7 @@ fn entering_and_leaving_are_published_once_each() {
     let steps = [(0.5, 0.9), (0.8, 0.9), (0.9, 0.7), (0.9, 0.5), (0.2, 0.2)];
     for (version, (intent, price)) in steps.into_iter().enumerate() {
         let scores = [("purchase_intent", intent), ("price_sensitivity", price)];
-        let derived = actions.derive(&record(version as u64, &scores, &[]), &[], &marks);
+        let derived = actions.derive(&record(version as u64, &scores, &[]), &[], &marks, None);
         for change in changes(&derived.records) {
             seen.push((change.version, change.change));
             assert_eq!(change.scores["purchase_intent"], intent);
@@ -92,11 +92,11 @@ fn interest_rules_and_record_keys() {
     let config = config(&[("carts_in_42", "cart_abandonment > 0.8 and interest(\"42\") > 0")]);
     let actions = Actions::compile(&config, &card()).unwrap();
     let elsewhere = record(1, &[("cart_abandonment", 0.9)], &[("7", 1.0)]);
-    let derived = actions.derive(&elsewhere, &[], &Marks::default());
+    let derived = actions.derive(&elsewhere, &[], &Marks::default(), None);
     assert!(derived.records.is_empty());
 
     let in_42 = record(2, &[("cart_abandonment", 0.9)], &[("42", 0.25), ("7", 0.75)]);
-    let derived = actions.derive(&in_42, &[], &Marks::default());
+    let derived = actions.derive(&in_42, &[], &Marks::default(), None);
     assert_eq!(derived.records.len(), 1);
     let key = format!("{}/carts_in_42", in_42.user_key);
     assert_eq!(derived.records[0].key, key.into_bytes());
@@ -112,7 +112,7 @@ fn interest_rules_and_record_keys() {
 fn a_segment_removed_from_the_config_is_tombstoned() {
     let actions = Actions::compile(&config(&[]), &card()).unwrap();
     let marks = Marks { segments: vec!["gone".into()], ..Marks::default() };
-    let derived = actions.derive(&record(1, &[], &[]), &[], &marks);
+    let derived = actions.derive(&record(1, &[], &[]), &[], &marks, None);
     assert_eq!(derived.records.len(), 1);
     assert!(derived.records[0].payload.is_empty());
     assert!(derived.marks.segments.is_empty());
@@ -172,7 +172,7 @@ fn a_buyers_negative_review_alerts_once_per_item_and_period() {
     let negative = [("sentiment", 0.1), ("service_alert", 0.9)];
     let mut events = vec![buy("b1", 0, "item-1"), review("r1", HOUR, "item-1")];
 
-    let first = actions.derive(&record(1, &negative, &[]), &events, &Marks::default());
+    let first = actions.derive(&record(1, &negative, &[]), &events, &Marks::default(), None);
     let alerts = alerts_of(&first.records);
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].reason, AlertReason::NegativeReviewOfPurchase);
@@ -180,17 +180,17 @@ fn a_buyers_negative_review_alerts_once_per_item_and_period() {
     assert_eq!(alerts[0].category_id, "c", "the bought item's category");
 
     // The same review seen again, and a second review of the item a day later: suppressed.
-    let again = actions.derive(&record(2, &negative, &[]), &events, &first.marks);
+    let again = actions.derive(&record(2, &negative, &[]), &events, &first.marks, None);
     assert!(alerts_of(&again.records).is_empty());
     assert!(again.suppressed.is_empty(), "the alerted review seen again is not a repeat");
     events.push(review("r2", 25 * HOUR, "item-1"));
-    let repeat = actions.derive(&record(3, &negative, &[]), &events, &again.marks);
+    let repeat = actions.derive(&record(3, &negative, &[]), &events, &again.marks, None);
     assert!(alerts_of(&repeat.records).is_empty());
     assert_eq!(repeat.suppressed, vec![AlertReason::NegativeReviewOfPurchase]);
 
     // Past the period (7 days), a new review of the same item alerts again.
     events.push(review("r3", 8 * 24 * HOUR + HOUR, "item-1"));
-    let later = actions.derive(&record(4, &negative, &[]), &events, &repeat.marks);
+    let later = actions.derive(&record(4, &negative, &[]), &events, &repeat.marks, None);
     assert_eq!(alerts_of(&later.records).len(), 1);
 }
 
@@ -200,35 +200,45 @@ fn a_positive_review_or_one_of_an_item_not_bought_does_not_alert() {
     let events = vec![buy("b1", 0, "item-1"), review("r1", HOUR, "item-1")];
     let positive = [("sentiment", 0.9), ("service_alert", 0.1)];
     assert!(actions
-        .derive(&record(1, &positive, &[]), &events, &Marks::default())
+        .derive(&record(1, &positive, &[]), &events, &Marks::default(), None)
         .records
         .is_empty());
 
     let not_bought = vec![buy("b1", 0, "item-2"), review("r1", HOUR, "item-1")];
     let negative = [("sentiment", 0.1), ("service_alert", 0.9)];
-    let derived = actions.derive(&record(1, &negative, &[]), &not_bought, &Marks::default());
+    let derived = actions.derive(&record(1, &negative, &[]), &not_bought, &Marks::default(), None);
     assert!(alerts_of(&derived.records).is_empty());
 }
 
 #[test]
-fn falling_sentiment_alerts_with_the_previous_score() {
+fn falling_sentiment_follows_the_reviews_scored_on_their_own() {
     let actions = Actions::compile(&config(&[]), &card()).unwrap();
     let events = vec![review("r1", 0, "item-1"), review("r2", HOUR, "item-2")];
-    let before =
-        actions.derive(&record(1, &[("sentiment", 0.8)], &[]), &events[..1], &Marks::default());
+    let first = record(1, &[("sentiment", 0.8)], &[]);
+    let before = actions.derive(&first, &events[..1], &Marks::default(), Some(0.9));
     assert!(before.records.is_empty());
-    assert_eq!(before.marks.sentiment, Some(0.8));
+    assert_eq!(before.marks.sentiment, Some(0.9), "the review's own score is kept");
 
-    let after = actions.derive(&record(2, &[("sentiment", 0.3)], &[]), &events, &before.marks);
+    // The window reads 0.6 (no fall from 0.8), but the new review alone reads 0.2.
+    let second = record(2, &[("sentiment", 0.6)], &[]);
+    let after = actions.derive(&second, &events, &before.marks, Some(0.2));
     let alerts = alerts_of(&after.records);
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].reason, AlertReason::FallingSentiment);
-    assert_eq!(alerts[0].previous_sentiment, Some(0.8));
+    assert_eq!(alerts[0].previous_sentiment, Some(0.9));
     assert_eq!(alerts[0].review.event_id, "r2");
 
-    // A small fall does not alert.
-    let small = actions.derive(&record(3, &[("sentiment", 0.6)], &[]), &events, &before.marks);
+    // The same review seen in a later record does not fall again.
+    let again =
+        actions.derive(&record(3, &[("sentiment", 0.6)], &[]), &events, &after.marks, Some(0.2));
+    assert!(again.records.is_empty());
+
+    // A small fall does not alert; without a focus score the window's sentiment stands in.
+    let small = actions.derive(&second, &events, &before.marks, Some(0.7));
     assert!(small.records.is_empty());
+    let window =
+        actions.derive(&record(2, &[("sentiment", 0.3)], &[]), &events, &before.marks, None);
+    assert_eq!(alerts_of(&window.records).len(), 1);
 }
 
 #[test]
@@ -238,7 +248,7 @@ fn protobuf_records_decode_to_the_same_values() {
     let actions = Actions::compile(&config, &card()).unwrap();
     let events = vec![buy("b1", 0, "item-1"), review("r1", HOUR, "item-1")];
     let scores = [("purchase_intent", 0.9), ("sentiment", 0.1), ("service_alert", 0.9)];
-    let derived = actions.derive(&record(1, &scores, &[]), &events, &Marks::default());
+    let derived = actions.derive(&record(1, &scores, &[]), &events, &Marks::default(), None);
     assert_eq!(derived.records.len(), 2);
     let change = segments::decode(Format::Protobuf, &derived.records[0].payload).unwrap();
     assert_eq!((change.segment.as_str(), change.change), ("ready", Change::Entered));

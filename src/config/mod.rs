@@ -81,8 +81,9 @@ pub struct AlertsConfig {
     /// window) at or above which the review raises an alert.
     #[serde(default = "default_alert_threshold")]
     pub threshold: f32,
-    /// Fall of the sentiment score from a user's previous record to the current one, ending
-    /// below 0.5, that raises a `falling_sentiment` alert.
+    /// Fall of the sentiment of a user's review, scored on its own, from the previous record
+    /// with a review to the current one, ending below 0.5, that raises a `falling_sentiment`
+    /// alert.
     #[serde(default = "default_frustration_drop")]
     pub frustration_drop: f32,
     /// Event-time period within which one user's alerts about one item are sent once.

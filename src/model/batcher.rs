@@ -36,8 +36,9 @@ pub struct ScoreRequest<C> {
     pub segments: Vec<Segment>,
     /// Window event indices to leave out one at a time, for explanations.
     pub candidates: Vec<usize>,
-    /// A text scored on its own besides the window: the review a service alert would be
-    /// about, rendered as the one-event window the sentiment head learned reviews from.
+    /// A text scored on its own besides the window: the review service alerts are about
+    /// ([`crate::window::focus_review`]), rendered as the one-event window the sentiment head
+    /// learned reviews from.
     pub focus: Option<Vec<Segment>>,
     pub context: C,
 }

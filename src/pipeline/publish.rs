@@ -182,7 +182,9 @@ impl Publisher {
         let mut derived = Vec::new();
         if !self.actions.is_empty() {
             let before = remembered.marks(&facts.user_key, epoch, marks.as_deref());
-            let outcome = self.actions.derive(&record, &facts.events, &before);
+            let review = self.card.signal_index(signals::SENTIMENT).zip(scored.focus.as_deref());
+            let review_sentiment = review.map(|(index, focus)| focus[index]);
+            let outcome = self.actions.derive(&record, &facts.events, &before, review_sentiment);
             for reason in outcome.suppressed {
                 metrics::counter!(m::SERVICE_ALERTS_SUPPRESSED, "reason" => reason.as_str())
                     .increment(1);

@@ -179,6 +179,14 @@ pub fn newest_review_of_bought_item<'a>(
     })
 }
 
+/// The review a scoring also scores on its own: the newest review of a bought item, else the
+/// newest review; `None` for a window without reviews.
+pub fn focus_review<'a>(
+    events: impl Iterator<Item = &'a WindowEvent> + Clone,
+) -> Option<&'a WindowEvent> {
+    newest_review_of_bought_item(events.clone()).or_else(|| events.filter(|e| e.is_review()).last())
+}
+
 /// One item's share of a window's interest (see [`UserState::top_items`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ItemInterest {

@@ -29,7 +29,7 @@ use crate::privacy::Pseudonymizer;
 use crate::render;
 use crate::signals::{InterestFeed, WindowFacts};
 use crate::state::{self, AppliedThrough, Snapshot};
-use crate::window::{newest_review_of_bought_item, Lineage, StateSpec, UserState, WindowEvent};
+use crate::window::{focus_review, Lineage, StateSpec, UserState, WindowEvent};
 
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -354,7 +354,7 @@ impl<T> Store<T> {
         let pending = std::mem::take(&mut tracked.pending);
         let facts = WindowFacts::of(user.to_owned(), &tracked.state, self.config.interest_feed);
         let segments = render::render(&tracked.state);
-        let focus = newest_review_of_bought_item(tracked.state.events().iter())
+        let focus = focus_review(tracked.state.events().iter())
             .map(|review| render::render(&UserState::new(review.clone(), &self.config.state)));
         let count = tracked.state.events().len();
         let candidates = (count.saturating_sub(self.config.explain_candidates)..count).collect();

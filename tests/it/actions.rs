@@ -276,9 +276,11 @@ const REPEAT: &str = "care-repeat";
 const LATER: &str = "care-later";
 const HAPPY: &str = "care-happy";
 const UNBOUGHT: &str = "care-unbought";
+const FICKLE: &str = "care-fickle";
 
 const ALERT_AT: f32 = 0.6;
 const NEGATIVE: &str = "negative_review_of_purchase";
+const FALLING: &str = "falling_sentiment";
 
 /// Real Chinese product reviews (`reviews-zh`). The model reads `refund` (a return never
 /// refunded) and `shallow` (a book found shallow) as negative: sentiment about 0.05 after a
@@ -305,11 +307,12 @@ impl Texts {
 }
 
 /// Four buyers review in the first phase: two negatively about what they bought, one
-/// positively, one negatively about an item not bought. In the second, the two negative
-/// reviewers review the item again: two days after the first review (within the 7-day
-/// period) and ten days after (past it). Returns the script and the alerts expected, as
-/// (raw user id, item, review event id).
-fn alert_script(texts: &Texts) -> (Script, Vec<(&'static str, &'static str, String)>) {
+/// positively, one negatively about an item not bought; a fifth user, who bought nothing,
+/// praises an item. In the second, the two negative reviewers review the item again: two days
+/// after the first review (within the 7-day period) and ten days after (past it); the fifth
+/// user pans another item, so the sentiment of their reviews falls. Returns the script and
+/// the alerts expected, as (raw user id, reason, item, review event id).
+fn alert_script(texts: &Texts) -> (Script, Vec<Wanted>) {
     let mut script = Script::default();
     let buyers = [
         (REPEAT, "777", 0),
@@ -325,15 +328,25 @@ fn alert_script(texts: &Texts) -> (Script, Vec<(&'static str, &'static str, Stri
     let later = script.review(LATER, 2 * DAY, "888", &texts.refund);
     script.review(HAPPY, 3 * DAY, "999", &texts.praise);
     script.review(UNBOUGHT, 3 * DAY, "556", &texts.refund);
+    script.review(FICKLE, 3 * DAY, "600", &texts.praise);
     script.next_phase();
     script.review(REPEAT, 5 * DAY, "777", &texts.shallow);
     let after_period = script.review(LATER, 12 * DAY, "888", &texts.shallow);
-    let wanted = vec![(REPEAT, "777", repeat), (LATER, "888", later), (LATER, "888", after_period)];
+    let fell = script.review(FICKLE, 5 * DAY, "601", &texts.refund);
+    let wanted = vec![
+        (REPEAT, NEGATIVE, "777", repeat),
+        (LATER, NEGATIVE, "888", later),
+        (LATER, NEGATIVE, "888", after_period),
+        (FICKLE, FALLING, "601", fell),
+    ];
     (script, wanted)
 }
 
+/// An expected alert: raw user id, reason, item, review event id.
+type Wanted = (&'static str, &'static str, &'static str, String);
+
 #[test]
-fn a_negative_review_of_a_purchase_alerts_once_per_period() {
+fn service_alerts_once_per_buyer_item_and_period_and_on_falling_sentiment() {
     let texts = Texts::read();
     let (script, wanted) = alert_script(&texts);
     let broker = Broker::start();
@@ -348,8 +361,10 @@ fn a_negative_review_of_a_purchase_alerts_once_per_period() {
     }
     let alerts_total = "mindstream_service_alerts_total";
     // At least as many as wanted: more fail below, with the alerts shown.
+    let negative = wanted.iter().filter(|w| w.1 == NEGATIVE).count() as f64;
     let scrape = deployment.wait_for_metrics(&processor, |scrape| {
-        metric(scrape, alerts_total, &[("reason", NEGATIVE)]) >= Some(wanted.len() as f64)
+        metric(scrape, alerts_total, &[("reason", NEGATIVE)]) >= Some(negative)
+            && metric(scrape, alerts_total, &[("reason", FALLING)]) >= Some(1.0)
     });
     deployment.stop(&mut processor);
 
@@ -369,7 +384,7 @@ fn a_negative_review_of_a_purchase_alerts_once_per_period() {
         .collect();
     let wanted_set: BTreeSet<_> = wanted
         .iter()
-        .map(|(user, item, review)| (key(user), NEGATIVE, item.to_string(), review.clone()))
+        .map(|(user, reason, item, review)| (key(user), *reason, item.to_string(), review.clone()))
         .collect();
     assert_eq!(alerts.len(), wanted.len(), "alerts: {alerts:#?}");
     assert_eq!(got, wanted_set, "(user key, reason, item, review) of the alerts");
@@ -380,10 +395,10 @@ fn a_negative_review_of_a_purchase_alerts_once_per_period() {
         assert_eq!(alert.lineage.topic, deployment.input);
         let bytes = [read.key.clone().unwrap_or_default(), read.payload.clone()].concat();
         let text = String::from_utf8_lossy(&bytes);
-        for raw in [REPEAT, LATER, HAPPY, UNBOUGHT] {
+        for raw in [REPEAT, LATER, HAPPY, UNBOUGHT, FICKLE] {
             assert!(!text.contains(raw), "raw user id {raw} in an alert: {text}");
         }
-        for review in [&texts.refund, &texts.shallow] {
+        for review in [&texts.refund, &texts.shallow, &texts.praise] {
             let opening: String = review.chars().take(8).collect();
             assert!(!text.contains(&opening), "review text in an alert: {text}");
         }
@@ -393,13 +408,13 @@ fn a_negative_review_of_a_purchase_alerts_once_per_period() {
     // here the repeat review, and nothing else.
     let above = records.values().flatten();
     let above = above.filter(|r| score(r, "service_alert").is_some_and(|v| v >= ALERT_AT));
-    let suppressed = (above.count() - wanted.len()) as f64;
+    let suppressed = above.count() as f64 - negative;
     assert_eq!(suppressed, 1.0, "records above the threshold that raised no alert");
     let suppressed_total = "mindstream_service_alerts_suppressed_total";
     let counted = metric(&scrape, suppressed_total, &[("reason", NEGATIVE)]);
     assert_eq!(counted, Some(suppressed), "{suppressed_total}{{reason={NEGATIVE}}}");
-    let falling = metric(&scrape, alerts_total, &[("reason", "falling_sentiment")]);
-    assert_eq!(falling.unwrap_or(0.0), 0.0, "no sentiment fell");
+    let falling = metric(&scrape, alerts_total, &[("reason", FALLING)]);
+    assert_eq!(falling, Some(1.0), "one user's review sentiment fell");
 }
 
 /// The model still reads the chosen reviews as chosen: `service_alert` at or above the
@@ -430,7 +445,7 @@ fn check_review_scores(
 
 /// An alert's fields against the record that raised it and the review it names.
 fn check_alert(alert: &ServiceAlert, records: &[SignalRecord], script: &Script) {
-    let id = format!("{}:{}:{}", alert.user_key, alert.review.event_id, NEGATIVE);
+    let id = format!("{}:{}:{}", alert.user_key, alert.review.event_id, alert.reason.as_str());
     assert_eq!(alert.alert_id, id);
     let record = records
         .iter()
@@ -442,8 +457,15 @@ fn check_alert(alert: &ServiceAlert, records: &[SignalRecord], script: &Script) 
     assert_eq!(alert.model_version, record.model_version);
     assert_eq!(alert.lineage, record.lineage);
     assert_eq!(alert.review.event_time_ms, script.times[&alert.review.event_id], "review time");
-    assert_eq!(alert.previous_sentiment, None);
     assert!(alert.review.summary.starts_with("review"), "summary {:?}", alert.review.summary);
+    if alert.reason.as_str() == FALLING {
+        // The praise scored on its own, then the pan: from above 0.9 to below 0.5.
+        let previous = alert.previous_sentiment.expect("the sentiment it fell from");
+        assert!(previous > 0.9, "previous review's sentiment {previous}");
+        assert_eq!(alert.category_id, "", "an item never clicked has no category");
+        return;
+    }
+    assert_eq!(alert.previous_sentiment, None);
     assert_eq!(alert.category_id, WATCHED, "the category of the bought item's clicks");
 }
 
