@@ -354,8 +354,10 @@ impl<T> Store<T> {
         let pending = std::mem::take(&mut tracked.pending);
         let facts = WindowFacts::of(user.to_owned(), &tracked.state, self.config.interest_feed);
         let segments = render::render(&tracked.state);
+        // A window that is its review alone needs no second scoring of the same text.
         let focus = focus_review(tracked.state.events().iter())
-            .map(|review| render::render(&UserState::new(review.clone(), &self.config.state)));
+            .map(|review| render::render(&UserState::new(review.clone(), &self.config.state)))
+            .filter(|focus| *focus != segments);
         let count = tracked.state.events().len();
         let candidates = (count.saturating_sub(self.config.explain_candidates)..count).collect();
         let changelog = self.config.changelog.then(|| state::encode(&tracked.snapshot()));

@@ -291,3 +291,34 @@ fn marks_from_the_publisher_reach_snapshots_sizes_and_deletions() {
     }
     assert_eq!(store.segment_sizes(&["ready".into()]), vec![("ready".into(), 0)]);
 }
+
+#[test]
+fn a_review_is_scored_on_its_own_only_where_the_window_holds_more() {
+    use crate::event::Review;
+    let mut store = store(0);
+    let now = Instant::now();
+    let review = |user: &str, time_ms: i64| Event {
+        body: EventBody::Review(Review {
+            item_id: "i".into(),
+            rating: None,
+            text: "broke after a week".into(),
+            language: "en".into(),
+        }),
+        ..event(user, time_ms)
+    };
+    store.apply(review("alone", 1_000), lineage(0, 1), 1, now);
+    store.apply(event("after-a-click", 1_000), lineage(0, 2), 2, now);
+    store.apply(review("after-a-click", 2_000), lineage(0, 3), 3, now);
+    store.apply(event("no-review", 1_000), lineage(0, 4), 4, now);
+    let (due, _) = store.take_due(now, 10);
+    let focus_of = |user: &str| {
+        let key = store.pseudonymizer.key(user);
+        let request = due.iter().find(|r| r.context.facts.user_key == key).expect("due");
+        request.focus.clone()
+    };
+    assert_eq!(focus_of("alone"), None, "the window is the review alone");
+    assert_eq!(focus_of("no-review"), None);
+    let focus = focus_of("after-a-click").expect("the review on its own");
+    assert_eq!(focus.len(), 2, "a header and the review's line: {focus:?}");
+    assert!(focus[1].text.contains("broke after a week"), "{focus:?}");
+}
