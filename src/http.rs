@@ -286,18 +286,13 @@ mod tests {
             top_events: vec![named],
         };
         SignalRecord {
-            user_key: user_key.into(),
-            version: 3,
-            model_version: "m".into(),
             window_start_ms: 1,
             window_end_ms: 2,
             event_count: 2,
             scores: vec![score],
-            interests: Vec::new(),
-            interest_items: Vec::new(),
-            interests_refreshed_ms: 0,
             lineage: RecordLineage { topic: "t".into(), partition: 0, offset: 7 },
             produced_at_ms: 5,
+            ..SignalRecord::for_test(user_key, 3, &[], &[])
         }
     }
 

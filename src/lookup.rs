@@ -78,23 +78,9 @@ impl LatestSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signals::RecordLineage;
 
     fn record(user_key: &str, version: u64) -> SignalRecord {
-        SignalRecord {
-            user_key: user_key.into(),
-            version,
-            model_version: "m".into(),
-            window_start_ms: 0,
-            window_end_ms: 0,
-            event_count: 1,
-            scores: Vec::new(),
-            interests: Vec::new(),
-            interest_items: Vec::new(),
-            interests_refreshed_ms: 0,
-            lineage: RecordLineage { topic: "t".into(), partition: 0, offset: 0 },
-            produced_at_ms: 0,
-        }
+        SignalRecord::for_test(user_key, version, &[], &[])
     }
 
     fn version(latest: &LatestSignals, user_key: &str) -> Option<u64> {

@@ -395,3 +395,40 @@ impl SignalRecord {
         self.scores.iter().find(|s| s.signal == signal)
     }
 }
+
+#[cfg(test)]
+impl SignalRecord {
+    /// A record of `user_key` carrying only these scores and interest shares, for tests.
+    pub(crate) fn for_test(
+        user_key: &str,
+        version: u64,
+        scores: &[(&str, f32)],
+        interests: &[(&str, f32)],
+    ) -> SignalRecord {
+        SignalRecord {
+            user_key: user_key.into(),
+            version,
+            model_version: "m".into(),
+            window_start_ms: 0,
+            window_end_ms: 0,
+            event_count: 1,
+            scores: scores
+                .iter()
+                .map(|(signal, value)| Score {
+                    signal: (*signal).into(),
+                    value: *value,
+                    status: "stable".into(),
+                    top_events: Vec::new(),
+                })
+                .collect(),
+            interests: interests
+                .iter()
+                .map(|(c, w)| InterestWeight { category_id: (*c).into(), weight: *w })
+                .collect(),
+            interest_items: Vec::new(),
+            interests_refreshed_ms: 0,
+            lineage: RecordLineage { topic: "t".into(), partition: 0, offset: 0 },
+            produced_at_ms: 0,
+        }
+    }
+}

@@ -317,34 +317,9 @@ impl Parser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signals::{InterestWeight, RecordLineage, Score};
 
     fn record(scores: &[(&str, f32)], interests: &[(&str, f32)]) -> SignalRecord {
-        SignalRecord {
-            user_key: "k".into(),
-            version: 1,
-            model_version: "m".into(),
-            window_start_ms: 0,
-            window_end_ms: 0,
-            event_count: 1,
-            scores: scores
-                .iter()
-                .map(|(signal, value)| Score {
-                    signal: (*signal).into(),
-                    value: *value,
-                    status: "stable".into(),
-                    top_events: Vec::new(),
-                })
-                .collect(),
-            interests: interests
-                .iter()
-                .map(|(c, w)| InterestWeight { category_id: (*c).into(), weight: *w })
-                .collect(),
-            interest_items: Vec::new(),
-            interests_refreshed_ms: 0,
-            lineage: RecordLineage { topic: String::new(), partition: 0, offset: 0 },
-            produced_at_ms: 0,
-        }
+        SignalRecord::for_test("k", 1, scores, interests)
     }
 
     #[test]

@@ -5,7 +5,6 @@ use super::segments::{Change, SegmentChange};
 use super::*;
 use crate::config::SegmentConfig;
 use crate::event::{Action, Click, Event, EventBody, Review};
-use crate::signals::{InterestWeight, RecordLineage, Score};
 use crate::window::{Lineage, WindowSpec};
 
 fn card() -> ModelCard {
@@ -24,31 +23,7 @@ fn config(segments: &[(&str, &str)]) -> Config {
 }
 
 fn record(version: u64, scores: &[(&str, f32)], interests: &[(&str, f32)]) -> SignalRecord {
-    SignalRecord {
-        user_key: "0123456789abcdef0123456789abcdef".into(),
-        version,
-        model_version: "m".into(),
-        window_start_ms: 0,
-        window_end_ms: 0,
-        event_count: 1,
-        scores: scores
-            .iter()
-            .map(|(signal, value)| Score {
-                signal: (*signal).into(),
-                value: *value,
-                status: "stable".into(),
-                top_events: Vec::new(),
-            })
-            .collect(),
-        interests: interests
-            .iter()
-            .map(|(c, w)| InterestWeight { category_id: (*c).into(), weight: *w })
-            .collect(),
-        interest_items: Vec::new(),
-        interests_refreshed_ms: 0,
-        lineage: RecordLineage { topic: "t".into(), partition: 0, offset: 0 },
-        produced_at_ms: 0,
-    }
+    SignalRecord::for_test("0123456789abcdef0123456789abcdef", version, scores, interests)
 }
 
 fn changes(records: &[ActionRecord]) -> Vec<SegmentChange> {

@@ -143,7 +143,8 @@ fn io_binding_is_opt_in() {
 fn segments_are_read_and_a_bad_rule_is_named() {
     let good = format!(
         "{MINIMAL}\n[[segments]]\nname = \"ready\"\nrule = \"purchase_intent > 0.7\"\n\
-         [[segments]]\nname = \"carts-42\"\nrule = \"cart_abandonment > 0.8 and interest('42') > 0\"\n"
+         [[segments]]\nname = \"carts-42\"\n\
+         rule = \"cart_abandonment > 0.8 and interest('42') > 0\"\n"
     );
     let config = load(&good, &[]).unwrap();
     assert_eq!(config.segments.len(), 2);

@@ -310,7 +310,7 @@ fn namings(record: &SignalRecord, event_id: &str) -> Vec<Naming> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signals::{Contribution, RecordLineage, Score};
+    use crate::signals::{Contribution, Score};
 
     fn score(signal: &str, value: f32, named: &[(&str, f32)]) -> Score {
         let top_events = named
@@ -326,20 +326,8 @@ mod tests {
     }
 
     fn record(scores: Vec<Score>) -> SignalRecord {
-        SignalRecord {
-            user_key: "0123456789abcdef0123456789abcdef".into(),
-            version: 1,
-            model_version: "m".into(),
-            window_start_ms: 0,
-            window_end_ms: 0,
-            event_count: 2,
-            scores,
-            interests: Vec::new(),
-            interest_items: Vec::new(),
-            interests_refreshed_ms: 0,
-            lineage: RecordLineage { topic: "t".into(), partition: 0, offset: 0 },
-            produced_at_ms: 0,
-        }
+        let key = "0123456789abcdef0123456789abcdef";
+        SignalRecord { scores, event_count: 2, ..SignalRecord::for_test(key, 1, &[], &[]) }
     }
 
     fn event(id: &str) -> TimelineEvent {
