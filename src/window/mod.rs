@@ -166,25 +166,26 @@ pub struct Interest {
 }
 
 /// The newest review, in a window in event-time order, of an item bought before it: what a
-/// service alert is about.
-pub fn newest_review_of_bought_item<'a>(
-    events: impl Iterator<Item = &'a WindowEvent>,
-) -> Option<&'a WindowEvent> {
-    let events: Vec<&WindowEvent> = events.collect();
-    events.iter().enumerate().rev().find_map(|(i, event)| {
+/// service alert is about. Allocates nothing: it runs for every scoring request.
+pub fn newest_review_of_bought_item<'a, I>(events: I) -> Option<&'a WindowEvent>
+where
+    I: DoubleEndedIterator<Item = &'a WindowEvent> + ExactSizeIterator + Clone,
+{
+    events.clone().enumerate().rev().find_map(|(i, event)| {
         let bought = event.is_review()
             && !event.item_id.is_empty()
-            && events[..i].iter().any(|e| e.is_buy() && e.item_id == event.item_id);
-        bought.then_some(*event)
+            && events.clone().take(i).any(|e| e.is_buy() && e.item_id == event.item_id);
+        bought.then_some(event)
     })
 }
 
 /// The review a scoring also scores on its own: the newest review of a bought item, else the
 /// newest review; `None` for a window without reviews.
-pub fn focus_review<'a>(
-    events: impl Iterator<Item = &'a WindowEvent> + Clone,
-) -> Option<&'a WindowEvent> {
-    newest_review_of_bought_item(events.clone()).or_else(|| events.filter(|e| e.is_review()).last())
+pub fn focus_review<'a, I>(events: I) -> Option<&'a WindowEvent>
+where
+    I: DoubleEndedIterator<Item = &'a WindowEvent> + ExactSizeIterator + Clone,
+{
+    newest_review_of_bought_item(events.clone()).or_else(|| events.rev().find(|e| e.is_review()))
 }
 
 /// One item's share of a window's interest (see [`UserState::top_items`]).
