@@ -23,9 +23,11 @@
 //!
 //! This file holds the entry point, the consume loop, the handling of one record and the
 //! drain; `publish` the task that turns scores into records; `rebalance` assignments and
-//! revocations; `upkeep` commits, gauges, eviction, lag and the caught-up check; `rejections`
-//! the burst-limited log of rejected records.
+//! revocations; `upkeep` commits, gauges, eviction, lag and the caught-up check; `checks` the
+//! start-up topic check and the broker probe; `rejections` the burst-limited log of rejected
+//! records.
 
+mod checks;
 mod publish;
 mod rebalance;
 mod rejections;
@@ -59,6 +61,7 @@ use crate::source::{self, Polled, RestoreError, Shared, Source, SourceConsumer, 
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
+use self::checks::{check_topics, probe_broker};
 use self::publish::{publish, Done, Erasure, MarksUpdate, Outputs, Publisher, Sequenced};
 use self::rejections::RejectionLog;
 
@@ -274,64 +277,6 @@ pub async fn run(
         .ok();
     tracing::info!(?reason, "done");
     Ok(reason)
-}
-
-/// Checks at start-up that the changelog exists with a partition for every input partition
-/// number, so that every assigned partition has somewhere to restore from.
-fn check_topics(config: &Config, sink: &Sink) -> Result<(), PipelineError> {
-    let changelog = &config.state.changelog_topic;
-    let count = |topic: &str| -> Result<usize, PipelineError> {
-        let partitions = sink.partition_count(topic, TOPIC_CHECK_TIMEOUT).map_err(|err| {
-            PipelineError::Topics(format!("cannot read the metadata of topic `{topic}`: {err}"))
-        })?;
-        if partitions == 0 {
-            return Err(PipelineError::Topics(format!(
-                "topic `{topic}` does not exist; create it first (`mindstream topics` creates \
-                 every topic of the configuration)"
-            )));
-        }
-        Ok(partitions)
-    };
-    let changelog_partitions = count(changelog)?;
-    if !config.segments.is_empty() {
-        count(&config.output.segments_topic)?;
-    }
-    if config.alerts.enabled {
-        count(&config.output.alerts_topic)?;
-    }
-    for input in &config.inputs {
-        let partitions = count(&input.topic)?;
-        if partitions > changelog_partitions {
-            return Err(PipelineError::Topics(format!(
-                "state.changelog_topic `{changelog}` has {changelog_partitions} partitions but \
-                 input `{}` has {partitions}; the changelog needs one per input partition",
-                input.topic
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Keeps `broker_down` current: a broker that stops answering (a network partition, a
-/// stalled broker) does not always make the client report an error.
-async fn probe_broker(sink: Sink, health: Arc<Health>) {
-    let mut tick = interval(BROKER_PROBE_PERIOD);
-    loop {
-        tick.tick().await;
-        let probe = sink.clone();
-        let reachable =
-            tokio::task::spawn_blocking(move || probe.broker_reachable(BROKER_PROBE_TIMEOUT))
-                .await
-                .unwrap_or(false);
-        let was_down = health.broker_down.swap(!reachable, Ordering::SeqCst);
-        if was_down == reachable {
-            if reachable {
-                tracing::info!("broker reachable again");
-            } else {
-                tracing::warn!(timeout = ?BROKER_PROBE_TIMEOUT, "broker unreachable");
-            }
-        }
-    }
 }
 
 impl Processor {
@@ -598,11 +543,6 @@ const TICK_MAX: Duration = Duration::from_millis(10);
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(10);
 /// How often `until_caught_up` looks at the partitions' ends.
 const CAUGHT_UP_PERIOD: Duration = Duration::from_millis(500);
-/// Bound on the start-up metadata queries.
-const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the broker's reachability is checked, and how long one check may take.
-const BROKER_PROBE_PERIOD: Duration = Duration::from_secs(2);
-const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A timer that, after a late tick, waits a whole period again instead of catching up.
 fn interval(period: Duration) -> tokio::time::Interval {
