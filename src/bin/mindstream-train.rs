@@ -104,6 +104,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write the prefix graph of a float32 model folder (model.prefix.onnx): the same weights,
+    /// continuing from cached keys and values, so the processor scores each leave-one-out
+    /// variant from its window's prefix. The card gains the file and the head weights.
+    Prefix {
+        /// The model folder (model.json, model.onnx).
+        #[arg(long, default_value = "models")]
+        model: PathBuf,
+    },
     /// Fit signal heads on a frozen ONNX GPT-2 (any graph with a `last_hidden_state` output)
     /// and write a model folder whose card carries the heads.
     Heads {
@@ -215,6 +223,19 @@ fn main() -> ExitCode {
             }
         }
         Command::Fp16 { model, out } => run_fp16(&model, &out),
+        Command::Prefix { model } => match mindstream::train::prefix::prefix_folder(&model) {
+            Ok(card) => {
+                let graph = card.prefix_graph.as_ref().map(|g| g.onnx_file.as_str());
+                println!(
+                    "prefix graph {} written to {} for {}",
+                    graph.unwrap_or_default(),
+                    model.display(),
+                    card.model_version
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => cli::report(&err, EXIT_FAILURE),
+        },
         Command::Heads {
             backbone,
             tokenizer,

@@ -362,6 +362,12 @@ pub struct ModelConfig {
     /// `scripts/gpu-bench.sh`.
     #[serde(default)]
     pub io_binding: bool,
+    /// Score leave-one-out variants from their window's cached keys and values when the model
+    /// folder has a prefix graph (`mindstream-train prefix`): only the tokens after the
+    /// left-out event are computed. Scores agree with whole-sequence scoring to float
+    /// rounding. `false` scores every variant whole.
+    #[serde(default = "default_true")]
+    pub prefix_reuse: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -575,6 +581,7 @@ impl Default for ModelConfig {
             allow_cpu_fallback: false,
             intra_threads: default_intra_threads(),
             io_binding: false,
+            prefix_reuse: true,
         }
     }
 }

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::metrics as m;
+use crate::model::prefix::{Prefix, Variant};
 use crate::model::scorer::{ModelError, Scorer};
 use crate::render::Segment;
 use crate::tokenize::TextTokenizer;
@@ -111,15 +112,35 @@ struct Worker<C> {
     results: flume::Sender<Result<Scored<C>, ModelError>>,
 }
 
-/// A tokenized request: its sequences, whole window first.
+/// A tokenized request.
 struct Prepared<C> {
     context: C,
-    sequences: Vec<Vec<u32>>,
-    /// Event index of `sequences[i + 1]`.
-    left_out: Vec<usize>,
+    /// The whole window's tokens.
+    window: Vec<u32>,
+    /// Event indices to leave out, with the range of their tokens in `window`.
+    left_out: Vec<(usize, Range<usize>)>,
     kept: Vec<usize>,
-    /// Whether the last sequence is the request's focus text.
-    focus: bool,
+    /// The request's focus text, tokenized.
+    focus: Option<Vec<u32>>,
+}
+
+impl<C> Prepared<C> {
+    /// Score rows of the request: the window, each variant, the focus text.
+    fn rows(&self) -> usize {
+        1 + self.left_out.len() + usize::from(self.focus.is_some())
+    }
+
+    /// The tokens of row `row` as a whole sequence.
+    fn sequence(&self, row: usize) -> Vec<u32> {
+        match row {
+            0 => self.window.clone(),
+            r if r <= self.left_out.len() => {
+                let cut = &self.left_out[r - 1].1;
+                [&self.window[..cut.start], &self.window[cut.end..]].concat()
+            }
+            _ => self.focus.clone().unwrap_or_default(),
+        }
+    }
 }
 
 impl<C> Worker<C> {
@@ -129,7 +150,11 @@ impl<C> Worker<C> {
                 Ok(batch) => batch,
                 Err(err) => return self.fail(err),
             };
-            match self.score(batch) {
+            let scored = match self.scorer.prefix().is_some() {
+                true => self.score_reusing_prefixes(batch),
+                false => self.score(batch),
+            };
+            match scored {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(err) => return self.fail(err),
@@ -146,7 +171,7 @@ impl<C> Worker<C> {
     fn gather(&self, first: ScoreRequest<C>) -> Result<Vec<Prepared<C>>, ModelError> {
         let deadline = Instant::now() + self.config.max_wait;
         let mut batch = vec![self.prepare(first)?];
-        let mut sequences = batch[0].sequences.len();
+        let mut sequences = batch[0].rows();
         let pool = self.config.batch_size.saturating_mul(POOL_BATCHES);
         while sequences < pool {
             // What is already queued is taken at once; beyond one batch, nothing is waited for.
@@ -157,7 +182,7 @@ impl<C> Worker<C> {
             };
             let Some(request) = next else { break };
             let prepared = self.prepare(request)?;
-            sequences += prepared.sequences.len();
+            sequences += prepared.rows();
             batch.push(prepared);
         }
         metrics::gauge!(m::SCORING_QUEUE_DEPTH).set(self.requests.len() as f64);
@@ -170,63 +195,132 @@ impl<C> Worker<C> {
             .encode_window(&request.segments, self.config.max_tokens)
             .map_err(|e| ModelError::Contract(e.to_string()))?;
         let kept: Vec<usize> = encoded.events.iter().map(|(event, _)| *event).collect();
-        let left_out: Vec<usize> =
-            request.candidates.iter().copied().filter(|c| kept.contains(c)).collect();
-        let mut sequences = Vec::with_capacity(left_out.len() + 2);
-        sequences.extend(left_out.iter().map(|&event| encoded.without(event)));
-        sequences.insert(0, encoded.ids);
+        let left_out = request
+            .candidates
+            .iter()
+            .filter_map(|c| encoded.events.iter().find(|(event, _)| event == c).cloned())
+            .collect();
         let focus = match &request.focus {
-            Some(segments) => {
-                let focused = self
-                    .tokenizer
+            Some(segments) => Some(
+                self.tokenizer
                     .encode_window(segments, self.config.max_tokens)
-                    .map_err(|e| ModelError::Contract(e.to_string()))?;
-                sequences.push(focused.ids);
-                true
-            }
-            None => false,
+                    .map_err(|e| ModelError::Contract(e.to_string()))?
+                    .ids,
+            ),
+            None => None,
         };
-        Ok(Prepared { context: request.context, sequences, left_out, kept, focus })
+        Ok(Prepared { context: request.context, window: encoded.ids, left_out, kept, focus })
     }
 
-    /// Scores the pool in length-sorted batches and sends each request's result as soon as its
-    /// last sequence is scored. Returns false when the results have no receiver.
+    /// Scores every row of the pool as a whole sequence, in length-sorted batches. Returns
+    /// false when the results have no receiver.
     fn score(&mut self, pool: Vec<Prepared<C>>) -> Result<bool, ModelError> {
         let outputs = self.scorer.outputs();
-        let mut order: Vec<(usize, usize)> = pool
+        let sequences: Vec<Vec<Vec<u32>>> =
+            pool.iter().map(|p| (0..p.rows()).map(|row| p.sequence(row)).collect()).collect();
+        let mut order: Vec<(usize, usize)> = sequences
             .iter()
             .enumerate()
-            .flat_map(|(job, p)| (0..p.sequences.len()).map(move |seq| (job, seq)))
+            .flat_map(|(job, rows)| (0..rows.len()).map(move |row| (job, row)))
             .collect();
-        order.sort_by_key(|&(job, seq)| pool[job].sequences[seq].len());
+        order.sort_by_key(|&(job, row)| sequences[job][row].len());
         let lengths: Vec<usize> =
-            order.iter().map(|&(job, seq)| pool[job].sequences[seq].len()).collect();
+            order.iter().map(|&(job, row)| sequences[job][row].len()).collect();
 
-        let mut remaining: Vec<usize> = pool.iter().map(|p| p.sequences.len()).collect();
-        let mut scores: Vec<Vec<Vec<f32>>> =
-            pool.iter().map(|p| vec![Vec::new(); p.sequences.len()]).collect();
-        let mut pool: Vec<Option<Prepared<C>>> = pool.into_iter().map(Some).collect();
+        let mut pending = Pending::new(pool);
         for range in plan(&lengths, self.config.batch_size, MAX_PADDING) {
             let chunk = &order[range];
-            let inputs: Vec<&[u32]> = chunk
-                .iter()
-                .map(|&(job, seq)| {
-                    pool[job].as_ref().expect("scored jobs are complete").sequences[seq].as_slice()
-                })
-                .collect();
+            let inputs: Vec<&[u32]> =
+                chunk.iter().map(|&(job, row)| sequences[job][row].as_slice()).collect();
             let started = Instant::now();
             let flat = self.scorer.score(&inputs)?;
-            metrics::histogram!(m::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
-            metrics::histogram!(m::BATCH_SEQUENCES).record(inputs.len() as f64);
-            for (&(job, seq), row) in chunk.iter().zip(flat.chunks_exact(outputs)) {
-                scores[job][seq] = row.to_vec();
-                remaining[job] -= 1;
-                if remaining[job] > 0 {
-                    continue;
+            record_call(started, inputs.len());
+            for (&(job, row), scores) in chunk.iter().zip(flat.chunks_exact(outputs)) {
+                if !pending.record(job, row, scores, &self.results) {
+                    return Ok(false);
                 }
-                let prepared = pool[job].take().expect("a job completes once");
-                let rows = std::mem::take(&mut scores[job]);
-                if self.results.send(Ok(finish(prepared, rows))).is_err() {
+            }
+        }
+        Ok(true)
+    }
+
+    /// Scores the pool with the prefix graph: the windows and focus texts whole, in
+    /// length-sorted batches, keeping each window's cache; then each variant's tokens after
+    /// the event it leaves out, in batches sorted by that length. Returns false when the
+    /// results have no receiver.
+    fn score_reusing_prefixes(&mut self, pool: Vec<Prepared<C>>) -> Result<bool, ModelError> {
+        let outputs = self.scorer.outputs();
+        let mut wholes: Vec<(usize, usize)> = Vec::with_capacity(pool.len() * 2);
+        let mut variants: Vec<(usize, usize)> = Vec::new();
+        for (job, prepared) in pool.iter().enumerate() {
+            wholes.push((job, 0));
+            variants.extend((1..=prepared.left_out.len()).map(|row| (job, row)));
+            if prepared.focus.is_some() {
+                wholes.push((job, prepared.rows() - 1));
+            }
+        }
+        let mut pending = Pending::new(pool);
+        wholes.sort_by_key(|&at| whole_tokens(&pending.pool, at).len());
+        let lengths: Vec<usize> =
+            wholes.iter().map(|&at| whole_tokens(&pending.pool, at).len()).collect();
+        let mut prefixes: Vec<Option<Prefix>> = (0..pending.pool.len()).map(|_| None).collect();
+        for range in plan(&lengths, self.config.batch_size, MAX_PADDING) {
+            let chunk = &wholes[range];
+            let inputs: Vec<&[u32]> =
+                chunk.iter().map(|&at| whole_tokens(&pending.pool, at)).collect();
+            let keep: Vec<Option<usize>> = chunk
+                .iter()
+                .map(|&(job, row)| match row {
+                    0 => pending.prepared(job).left_out.iter().map(|(_, cut)| cut.start).max(),
+                    _ => None,
+                })
+                .collect();
+            let prefix = self.scorer.prefix().expect("checked by the caller");
+            let started = Instant::now();
+            let (flat, kept) = prefix.score_windows(&inputs, &keep)?;
+            record_call(started, inputs.len());
+            for ((&(job, row), scores), cache) in
+                chunk.iter().zip(flat.chunks_exact(outputs)).zip(kept)
+            {
+                if cache.is_some() {
+                    prefixes[job] = cache;
+                }
+                if !pending.record(job, row, scores, &self.results) {
+                    return Ok(false);
+                }
+            }
+        }
+
+        variants.sort_by_key(|&at| variant_parts(&pending.pool, at).1.len());
+        // Variants without tokens after their event need no model call: one pass for all.
+        let empty = variants.partition_point(|&at| variant_parts(&pending.pool, at).1.is_empty());
+        let lengths: Vec<usize> =
+            variants[empty..].iter().map(|&at| variant_parts(&pending.pool, at).1.len()).collect();
+        let batches = plan(&lengths, self.config.batch_size, MAX_PADDING)
+            .into_iter()
+            .map(|r| r.start + empty..r.end + empty);
+        for range in std::iter::once(0..empty).chain(batches).filter(|r| !r.is_empty()) {
+            let chunk = &variants[range.clone()];
+            let flat = {
+                let inputs: Vec<Variant<'_>> = chunk
+                    .iter()
+                    .map(|&(job, row)| {
+                        let (start, suffix) = variant_parts(&pending.pool, (job, row));
+                        let prefix =
+                            prefixes[job].as_ref().expect("a window with variants keeps its cache");
+                        Variant { prefix, start, suffix }
+                    })
+                    .collect();
+                let prefix = self.scorer.prefix().expect("checked by the caller");
+                let started = Instant::now();
+                let flat = prefix.score_variants(&inputs)?;
+                if range.start >= empty {
+                    record_call(started, inputs.len());
+                }
+                flat
+            };
+            for (&(job, row), scores) in chunk.iter().zip(flat.chunks_exact(outputs)) {
+                if !pending.record(job, row, scores, &self.results) {
                     return Ok(false);
                 }
             }
@@ -235,11 +329,77 @@ impl<C> Worker<C> {
     }
 }
 
+/// The tokens of a window (row 0) or focus text (the last row) scored whole.
+fn whole_tokens<C>(pool: &[Option<Prepared<C>>], (job, row): (usize, usize)) -> &[u32] {
+    let prepared = pool[job].as_ref().expect("a job is pending until its last row");
+    match row {
+        0 => &prepared.window,
+        _ => prepared.focus.as_deref().unwrap_or_default(),
+    }
+}
+
+/// A variant row's prefix length in its window and its tokens after the left-out event.
+fn variant_parts<C>(pool: &[Option<Prepared<C>>], (job, row): (usize, usize)) -> (usize, &[u32]) {
+    let prepared = pool[job].as_ref().expect("a job is pending until its last row");
+    let cut = &prepared.left_out[row - 1].1;
+    (cut.start, &prepared.window[cut.end..])
+}
+
+/// Records one model call's time and size.
+fn record_call(started: Instant, sequences: usize) {
+    metrics::histogram!(m::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::BATCH_SEQUENCES).record(sequences as f64);
+}
+
+/// The requests of a pool with their scores so far; each is sent as soon as its last row is
+/// scored.
+struct Pending<C> {
+    pool: Vec<Option<Prepared<C>>>,
+    scores: Vec<Vec<Vec<f32>>>,
+    remaining: Vec<usize>,
+}
+
+impl<C> Pending<C> {
+    fn new(pool: Vec<Prepared<C>>) -> Self {
+        let remaining: Vec<usize> = pool.iter().map(Prepared::rows).collect();
+        let scores = remaining.iter().map(|&rows| vec![Vec::new(); rows]).collect();
+        Pending { pool: pool.into_iter().map(Some).collect(), scores, remaining }
+    }
+
+    fn prepared(&self, job: usize) -> &Prepared<C> {
+        self.pool[job].as_ref().expect("a job is pending until its last row")
+    }
+
+    /// Stores a row's scores and sends the request when it was its last; false when the
+    /// results have no receiver.
+    fn record(
+        &mut self,
+        job: usize,
+        row: usize,
+        scores: &[f32],
+        results: &flume::Sender<Result<Scored<C>, ModelError>>,
+    ) -> bool {
+        self.scores[job][row] = scores.to_vec();
+        self.remaining[job] -= 1;
+        if self.remaining[job] > 0 {
+            return true;
+        }
+        let prepared = self.pool[job].take().expect("a job completes once");
+        let rows = std::mem::take(&mut self.scores[job]);
+        results.send(Ok(finish(prepared, rows))).is_ok()
+    }
+}
+
 fn finish<C>(prepared: Prepared<C>, mut rows: Vec<Vec<f32>>) -> Scored<C> {
-    let tokens = prepared.sequences[0].len();
-    let focus = if prepared.focus { rows.pop() } else { None };
+    let tokens = prepared.window.len();
+    let focus = if prepared.focus.is_some() { rows.pop() } else { None };
     let full = std::mem::take(&mut rows[0]);
-    let without = prepared.left_out.into_iter().zip(rows.into_iter().skip(1)).collect();
+    let without = prepared
+        .left_out
+        .into_iter()
+        .map(|(event, _)| event)
+        .zip(rows.into_iter().skip(1))
+        .collect();
     Scored { context: prepared.context, full, without, kept: prepared.kept, tokens, focus }
 }
 

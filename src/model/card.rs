@@ -45,9 +45,16 @@ pub struct ModelCard {
     /// Signals derived by rule from the model's outputs and the window.
     #[serde(default)]
     pub derived: Vec<SignalSpec>,
-    /// Head weights for graphs that output only `last_hidden_state`.
+    /// Head weights for graphs that output only `last_hidden_state`, the prefix graph among
+    /// them.
     #[serde(default)]
     pub heads: Option<HeadWeights>,
+    /// A second graph over the same weights that continues from cached keys and values
+    /// (`crate::train::export::export_prefix_onnx`). With it, a leave-one-out variant is
+    /// scored from its window's cached prefix, computing only the tokens after the event it
+    /// leaves out; its scores come from `heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_graph: Option<GraphFile>,
     /// Platt scaling of each head, in the order of `signals`, applied to every score served;
     /// empty in cards written before calibration, whose scores are served as the heads give
     /// them.
@@ -157,6 +164,13 @@ impl AppliesWhen {
             }
         }
     }
+}
+
+/// An ONNX file inside the model folder and its SHA-256, checked at load.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphFile {
+    pub onnx_file: String,
+    pub onnx_sha256: String,
 }
 
 /// Linear heads over the pooled hidden state (see [`crate::model::heads`]).
@@ -352,6 +366,9 @@ impl ModelCard {
                     card.signals.len()
                 )));
             }
+        }
+        if card.prefix_graph.is_some() && card.heads.is_none() {
+            return Err(unsupported("a prefix graph needs the card's head weights".into()));
         }
         check_calibration(&card).map_err(unsupported)?;
         Ok(card)

@@ -4,6 +4,7 @@
 pub mod batcher;
 pub mod card;
 pub mod heads;
+pub mod prefix;
 pub mod runtime;
 pub mod scorer;
 

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{ExecutionProvider, ModelConfig};
 use crate::model::card::{HeadWeights, ModelCard, Platt};
+use crate::model::prefix::PrefixScorer;
 use crate::model::{heads, runtime};
 
 /// Turns token sequences into scores. One instance per worker thread (`Session::run` needs
@@ -31,6 +32,12 @@ pub trait Scorer: Send {
 
     /// Scores each sequence; returns `[sequences.len(), outputs()]` row-major.
     fn score(&mut self, sequences: &[&[u32]]) -> Result<Vec<f32>, ModelError>;
+
+    /// The scorer of leave-one-out variants from cached prefixes, when the model has a prefix
+    /// graph and `model.prefix_reuse` is on.
+    fn prefix(&mut self) -> Option<&mut PrefixScorer> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +92,8 @@ pub struct OrtScorer {
     calibration: Vec<Platt>,
     /// The execution provider actually in use.
     provider: &'static str,
+    /// The prefix graph's session, when the card has one and `model.prefix_reuse` is on.
+    prefix: Option<PrefixScorer>,
 }
 
 impl OrtScorer {
@@ -123,6 +132,10 @@ impl OrtScorer {
         } else {
             None
         };
+        let prefix = match config.prefix_reuse {
+            true => PrefixScorer::load(dir, card, config)?,
+            false => None,
+        };
         Ok(OrtScorer {
             session,
             binding,
@@ -131,6 +144,7 @@ impl OrtScorer {
             signals: card.signals.len(),
             calibration: card.calibration.clone(),
             provider,
+            prefix,
         })
     }
 
@@ -139,7 +153,7 @@ impl OrtScorer {
     }
 }
 
-fn verify_checksum(path: &Path, expected: &str) -> Result<(), ModelError> {
+pub(crate) fn verify_checksum(path: &Path, expected: &str) -> Result<(), ModelError> {
     let bytes =
         std::fs::read(path).map_err(|source| ModelError::Read { path: path.into(), source })?;
     let actual = hex::encode(Sha256::digest(&bytes));
@@ -233,6 +247,10 @@ impl Scorer for OrtScorer {
         self.signals
     }
 
+    fn prefix(&mut self) -> Option<&mut PrefixScorer> {
+        self.prefix.as_mut()
+    }
+
     fn score(&mut self, sequences: &[&[u32]]) -> Result<Vec<f32>, ModelError> {
         if sequences.is_empty() {
             return Ok(Vec::new());
@@ -305,7 +323,7 @@ fn run_bound<'s>(
 
 /// Applies one scaling per column to `scores` (`[rows, calibration.len()]`); nothing when
 /// there is no calibration.
-fn calibrate(calibration: &[Platt], scores: &mut [f32]) {
+pub(crate) fn calibrate(calibration: &[Platt], scores: &mut [f32]) {
     if calibration.is_empty() {
         return;
     }
@@ -342,6 +360,7 @@ mod tests {
             signals,
             derived: Vec::new(),
             heads,
+            prefix_graph: None,
             calibration: Vec::new(),
             backbone: Backbone {
                 architecture: "gpt2".into(),

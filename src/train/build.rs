@@ -485,13 +485,16 @@ pub fn build(
         signals,
         derived: catalog::derived_signals(),
         heads: None,
+        prefix_graph: None,
         calibration: Vec::new(),
         backbone: config.card_backbone(),
         training: Some(Training { command: command.into(), data, facts }),
         evaluation: Vec::new(),
     };
     let report = crate::train::evaluate::Destination { dir: &options.report, command };
-    finish(&options.out, card, &sets, options.threads, report, started)
+    finish(&options.out, card, &sets, options.threads, report, started)?;
+    crate::train::prefix::prefix_folder(&options.out)
+        .map_err(|e| step_err("prefix graph")(with_causes(&e)))
 }
 
 /// Saves the card of the model in `dir` (so that a failed evaluation still leaves a loadable

@@ -170,6 +170,7 @@ fn card(
         signals: catalog::head_signals_for(&options.build.horizons),
         derived: catalog::derived_signals(),
         heads: None,
+        prefix_graph: None,
         calibration: Vec::new(),
         backbone: Backbone {
             architecture: "gpt2".into(),

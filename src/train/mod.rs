@@ -25,6 +25,7 @@ pub mod gpt2;
 pub mod linear;
 pub mod metrics;
 pub mod precision;
+pub mod prefix;
 pub mod pretrained;
 pub mod report;
 #[cfg(test)]

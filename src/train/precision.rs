@@ -106,6 +106,8 @@ pub fn fp16_folder(from: &Path, to: &Path) -> Result<Fp16Folder, PrecisionError>
     copy_tokenizer(from, to, &card)?;
     card.onnx_sha256 = hex::encode(Sha256::digest(&half));
     card.precision = Precision::Fp16;
+    // The prefix graph stays float32; the variant scores every sequence whole.
+    card.prefix_graph = None;
     card.description = format!(
         "{} Float16 variant of {fp32_version} (`mindstream-train fp16`): weights and arithmetic \
          in float16 for the cuda execution provider, inputs and outputs as in the model \

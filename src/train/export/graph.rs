@@ -17,6 +17,10 @@ use crate::train::gpt2::Gpt2;
 pub(super) enum Dim {
     Batch,
     Seq,
+    /// Length of the cached prefix a graph continues from.
+    Past,
+    /// Cached prefix plus new tokens.
+    Total,
     Fixed(usize),
 }
 
@@ -82,8 +86,15 @@ impl GraphBuilder {
     }
 
     pub(super) fn input_i64(&mut self, name: &str) {
-        let info = value_info(name, DataType::INT64, &[Dim::Batch, Dim::Seq]);
-        self.graph.input.push(info);
+        self.input_i64_shaped(name, &[Dim::Batch, Dim::Seq]);
+    }
+
+    pub(super) fn input_i64_shaped(&mut self, name: &str, dims: &[Dim]) {
+        self.graph.input.push(value_info(name, DataType::INT64, dims));
+    }
+
+    pub(super) fn input_f32(&mut self, name: &str, dims: &[Dim]) {
+        self.graph.input.push(value_info(name, DataType::FLOAT, dims));
     }
 
     pub(super) fn output_f32(&mut self, name: &str, dims: &[Dim]) {
@@ -148,6 +159,8 @@ fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> ValueInfoProto {
             value: Some(match d {
                 Dim::Batch => dimension::Value::DimParam("batch".into()),
                 Dim::Seq => dimension::Value::DimParam("seq".into()),
+                Dim::Past => dimension::Value::DimParam("past_seq".into()),
+                Dim::Total => dimension::Value::DimParam("total_seq".into()),
                 Dim::Fixed(n) => dimension::Value::DimValue(*n as i64),
             }),
             ..Default::default()

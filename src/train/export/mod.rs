@@ -15,6 +15,13 @@
 //! - with heads, output `scores`, float `[batch, K]`: `concat(h_last, h_mean)` pooling and
 //!   `sigmoid(pooled · weightᵀ + bias)`, all inside the graph.
 //!
+//! [`export_prefix_onnx`] writes a second graph over the same weights for scoring that reuses a
+//! cached prefix: inputs `input_ids` and `position_ids` (`[batch, seq]`), `attention_mask`
+//! (`[batch, past_seq + seq]`) and per layer `past_key_values.{layer}.key|value` (`[batch,
+//! n_head, past_seq, head_dim]`); outputs `last_hidden_state` of the new tokens and per layer
+//! `present.{layer}.key|value` over all `past_seq + seq` positions, as Hugging Face's GPT-2
+//! exports with past name them. With `past_seq = 0` it scores whole sequences.
+//!
 //! Layer norm is ONNX `LayerNormalization` (opset 17); GELU is composed from `Mul`, `Add`
 //! and `Tanh` in its tanh form, as GPT-2's `gelu_new` is.
 //!
@@ -45,7 +52,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::fp16::{to_fp16, Fp16Error, Fp16Summary, META_PRECISION, SATURATED};
 
-use self::blocks::backbone;
+use self::blocks::{backbone, prefix_backbone};
 use self::graph::{Dim, GraphBuilder};
 use self::heads::pool_and_heads;
 use super::gpt2::{Gpt2, Heads};
@@ -166,8 +173,10 @@ pub fn export_onnx_with(
     meta: &ExportMeta,
     positions: Positions,
 ) -> Result<(), ExportError> {
-    let proto = build_model_with(model, heads, meta, positions)?;
+    write_model(&build_model_with(model, heads, meta, positions)?, path)
+}
 
+fn write_model(proto: &ModelProto, path: &Path) -> Result<(), ExportError> {
     let file =
         File::create(path).map_err(|source| ExportError::Create { path: path.into(), source })?;
     let mut writer = BufWriter::new(file);
@@ -222,6 +231,53 @@ pub fn build_model_with(
         metadata_props: meta.props(),
         ..Default::default()
     })
+}
+
+/// Writes the graph that continues from cached keys and values (see the module docs) as one
+/// ONNX file at `path`. It carries no heads: the caller pools `last_hidden_state` itself.
+pub fn export_prefix_onnx(model: &Gpt2, path: &Path, meta: &ExportMeta) -> Result<(), ExportError> {
+    write_model(&build_prefix_model(model, meta)?, path)
+}
+
+/// The graph of [`export_prefix_onnx`] in memory.
+pub fn build_prefix_model(model: &Gpt2, meta: &ExportMeta) -> Result<ModelProto, ExportError> {
+    meta.validate(None)?;
+    let bytes = 4 * model.num_parameters();
+    if bytes > MAX_WEIGHT_BYTES {
+        return Err(ExportError::TooLarge { bytes });
+    }
+    let config = model.config();
+    let mut graph = GraphBuilder::default();
+    let (hidden, presents) = prefix_backbone(&mut graph, model)?;
+    graph.alias(&hidden, LAST_HIDDEN_STATE);
+    graph.output_f32(LAST_HIDDEN_STATE, &[Dim::Batch, Dim::Seq, Dim::Fixed(config.n_embd)]);
+    let cache = [Dim::Batch, Dim::Fixed(config.n_head), Dim::Total, Dim::Fixed(config.head_dim())];
+    for (layer, present) in presents.iter().enumerate() {
+        for (value, kind) in present.iter().zip(["key", "value"]) {
+            let name = present_name(layer, kind);
+            graph.alias(value, &name);
+            graph.output_f32(&name, &cache);
+        }
+    }
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto { version: OPSET, ..Default::default() }],
+        producer_name: "mindstream-train".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph.finish()).into(),
+        metadata_props: meta.props(),
+        ..Default::default()
+    })
+}
+
+/// Input name of a layer's cached `key` or `value`.
+pub fn past_name(layer: usize, kind: &str) -> String {
+    format!("past_key_values.{layer}.{kind}")
+}
+
+/// Output name of a layer's `key` or `value` over all positions.
+pub fn present_name(layer: usize, kind: &str) -> String {
+    format!("present.{layer}.{kind}")
 }
 
 /// Names of the graph's inputs and outputs.

@@ -49,6 +49,7 @@ fn card_over(dir: &Path, heads: HeadWeights, config: &Gpt2Config) -> ModelCard {
         signals,
         derived: Vec::new(),
         heads: Some(heads),
+        prefix_graph: None,
         calibration: Vec::new(),
         backbone: config.card_backbone(),
         training: None,

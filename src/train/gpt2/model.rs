@@ -132,7 +132,18 @@ impl Gpt2 {
             .map_err(|source| Gpt2Error::Safetensors { path: path.into(), source })?;
         let stored: HashMap<&str, &Tensor> =
             stored.iter().map(|(k, v)| (k.strip_prefix(HF_PREFIX).unwrap_or(k), v)).collect();
+        Self::from_named(config, device, &stored, path)
+    }
 
+    /// Builds the model from tensors under their bare Hugging Face names, read from `path`
+    /// (named in errors); tensors the model does not use are ignored, any dtype is cast to f32.
+    pub fn from_named(
+        config: Gpt2Config,
+        device: &Device,
+        stored: &HashMap<&str, &Tensor>,
+        path: &Path,
+    ) -> Result<Self> {
+        config.validate()?;
         let mut tensors = HashMap::new();
         for spec in param_specs(&config) {
             let Some(tensor) = stored.get(spec.name.as_str()) else {
