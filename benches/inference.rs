@@ -13,8 +13,11 @@
 //! (`MINDSTREAM__MODEL__DIR`, `MINDSTREAM__MODEL__EXECUTION_PROVIDER`,
 //! `MINDSTREAM__MODEL__IO_BINDING`, ...); with none set, the shipped model on the CPU. The bare
 //! side runs a plain session on the same provider and graph, so the ratio shows what the
-//! workers (and IO binding, when on) add or cost. Before the clock starts each session scores
-//! a few batches, the longest included, so one-time set-up on a GPU is not timed. Any other
+//! workers (and IO binding, when on) add or cost. The workers run twice: scoring every sequence
+//! whole (the bare side's work), and, when the card has a prefix graph and
+//! `model.prefix_reuse` is on, scoring variants from their window's cached prefix. Before the
+//! clock starts each session scores a few batches, the longest included, so one-time set-up on
+//! a GPU is not timed. Any other
 //! configuration is also checked against the shipped model on the CPU: the largest difference
 //! of the served scores over the first batches is printed. `scripts/gpu-bench.sh` runs the
 //! GPU rows.
@@ -78,13 +81,16 @@ fn main() {
     let bare = median((0..repeats).map(|_| bare_session(&config, &card, &batches)).collect());
     drop(model.scorers);
     let warmup = warmup_batches(&batches);
-    let pipeline = median(
-        (0..repeats)
-            .map(|_| {
-                through_workers(&config, &model.tokenizer, card.max_tokens, &requests, &warmup)
-            })
-            .collect(),
-    );
+    let timed = |config: &ModelConfig| {
+        let runs = (0..repeats).map(|_| {
+            through_workers(config, &model.tokenizer, card.max_tokens, &requests, &warmup)
+        });
+        median(runs.collect())
+    };
+    // The workers scoring every sequence whole run the bare side's batches: their ratio is
+    // what the workers add. With the prefix graph they compute less for the same results.
+    let pipeline = timed(&ModelConfig { prefix_reuse: false, ..config.clone() });
+    let reusing = (config.prefix_reuse && card.prefix_graph.is_some()).then(|| timed(&config));
 
     let rate = |elapsed: Duration| sequences as f64 / elapsed.as_secs_f64();
     println!("| measure | value |");
@@ -112,17 +118,29 @@ fn main() {
     );
     let (now, reused) = prefix_reuse(&model.tokenizer, &requests, card.max_tokens);
     println!(
-        "| token positions computed, every sequence in full / leave-one-out reusing the \
-         window's prefix | {now} / {reused} ({:.2}x fewer) |",
+        "| token positions computed, every sequence whole / variants from the window's cached \
+         prefix | {now} / {reused} ({:.2}x fewer) |",
         now as f64 / reused as f64
     );
     println!("| bare session | {:.0} sequences/s ({:.2} s) |", rate(bare), bare.as_secs_f64());
     println!(
-        "| through the workers | {:.0} sequences/s ({:.2} s) |",
+        "| through the workers, every sequence whole | {:.0} sequences/s ({:.2} s) |",
         rate(pipeline),
         pipeline.as_secs_f64()
     );
     println!("| ratio, workers / bare | {:.3} |", bare.as_secs_f64() / pipeline.as_secs_f64());
+    if let Some(reusing) = reusing {
+        println!(
+            "| through the workers, variants from cached prefixes | {:.0} sequences/s ({:.2} s) \
+             |",
+            rate(reusing),
+            reusing.as_secs_f64()
+        );
+        println!(
+            "| ratio, workers reusing prefixes / bare | {:.3} |",
+            bare.as_secs_f64() / reusing.as_secs_f64()
+        );
+    }
 }
 
 type Request = ScoreRequest<usize>;
@@ -237,9 +255,9 @@ fn prepare(
         .collect()
 }
 
-/// Token positions the model computes for the requests now (every sequence in full), and what
-/// it would compute if each leave-one-out variant reused the whole window's cached keys and
-/// values for the tokens before the event it leaves out: only the tokens after that event.
+/// Token positions the model computes for the requests with every sequence whole, and with
+/// each leave-one-out variant reusing the window's cached keys and values for the tokens
+/// before the event it leaves out: only the tokens after that event.
 fn prefix_reuse(
     tokenizer: &TextTokenizer,
     requests: &[Request],
@@ -332,6 +350,9 @@ fn through_workers(
     for batch in warmup {
         let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
         model.scorers[0].score(&refs).expect("warm-up batch");
+        if let Some(prefix) = model.scorers[0].prefix() {
+            prefix.score_windows(&refs, &vec![None; refs.len()]).expect("warm-up batch");
+        }
     }
     let config =
         BatchConfig { batch_size: BATCH_SIZE, max_wait: Duration::from_millis(5), max_tokens };

@@ -264,7 +264,7 @@ async fn load_model(config: &Config) -> Result<LoadedModel, ExitCode> {
     let model = loaded.map_err(|err| cli::report(&err, EXIT_FAILURE))?;
     tracing::info!(model_version = %model.card.model_version, provider = model.provider,
         precision = model.card.precision.as_str(), io_binding = config.model.io_binding,
-        signals = model.card.signals.len(), "model loaded");
+        prefix_reuse = model.prefix_reuse, signals = model.card.signals.len(), "model loaded");
     let labels = [
         ("model_version", model.card.model_version.clone()),
         ("execution_provider", model.provider.to_owned()),

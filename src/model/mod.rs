@@ -39,6 +39,8 @@ pub struct LoadedModel {
     pub scorers: Vec<Box<dyn Scorer>>,
     /// The execution provider in use (`cpu` or `cuda`).
     pub provider: &'static str,
+    /// Whether the workers score leave-one-out variants from cached prefixes.
+    pub prefix_reuse: bool,
 }
 
 impl LoadedModel {
@@ -52,9 +54,11 @@ impl LoadedModel {
         let tokenizer = load_tokenizer(dir, &card)?;
         let mut scorers: Vec<Box<dyn Scorer>> = Vec::with_capacity(workers);
         let mut provider = "cpu";
+        let mut prefix_reuse = false;
         for _ in 0..workers.max(1) {
-            let scorer = OrtScorer::load(dir, &card, config)?;
+            let mut scorer = OrtScorer::load(dir, &card, config)?;
             provider = scorer.provider();
+            prefix_reuse = scorer.prefix().is_some();
             scorers.push(Box::new(scorer));
         }
         if card.precision == card::Precision::Fp16 && provider == "cpu" {
@@ -64,7 +68,7 @@ impl LoadedModel {
                  behind inserted casts, no faster than the fp32 model"
             );
         }
-        Ok(LoadedModel { card: Arc::new(card), tokenizer, scorers, provider })
+        Ok(LoadedModel { card: Arc::new(card), tokenizer, scorers, provider, prefix_reuse })
     }
 }
 
