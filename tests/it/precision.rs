@@ -1,5 +1,7 @@
-//! The float16 variant and IO binding through the real binaries: `mindstream-train fp16` writes
-//! the variant of the shipped model, and `mindstream score` serves it with `model.io_binding`.
+//! The float16 variant, IO binding and prefix reuse through the real binaries:
+//! `mindstream-train fp16` writes the variant of the shipped model, and `mindstream score`
+//! serves it with `model.io_binding`; the shipped model's prefix graph serves the scores and
+//! explanations of scoring every variant whole.
 
 use std::path::Path;
 use std::process::Command;
@@ -21,14 +23,33 @@ fn train() -> Command {
 
 /// `mindstream score` over `input` with the model in `dir`, IO binding on or off.
 fn score(input: &Path, dir: &Path, io_binding: bool, output: &Path) -> Vec<SignalRecord> {
+    score_with(input, dir, &[("MINDSTREAM__MODEL__IO_BINDING", &io_binding.to_string())], output).0
+}
+
+/// `mindstream score` over `input` with the model in `dir` and `settings` in the environment;
+/// returns the records and the standard error.
+fn score_with(
+    input: &Path,
+    dir: &Path,
+    settings: &[(&str, &str)],
+    output: &Path,
+) -> (Vec<SignalRecord>, String) {
     let mut command = support::mindstream();
     command.env("MINDSTREAM__MODEL__DIR", dir);
-    command.env("MINDSTREAM__MODEL__IO_BINDING", io_binding.to_string());
+    command.envs(settings.iter().copied());
     command.arg("score").arg("--input").arg(input).arg("--output").arg(output);
     let result = support::run_with_limit(command, Duration::from_secs(240));
     support::assert_success(&result, "score");
     let text = std::fs::read_to_string(output).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let records = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (records, String::from_utf8_lossy(&result.stderr).into_owned())
+}
+
+fn import(source: &str, input: &Path, limit: usize, output: &Path) {
+    let mut import = train();
+    import.args(["import", "--source", source, "--limit", &limit.to_string(), "--input"]);
+    import.arg(input).arg("--output").arg(output);
+    support::assert_success(&support::run_with_limit(import, Duration::from_secs(120)), "import");
 }
 
 /// The scores of each record and the explanation deltas of the events both name, paired with
@@ -70,10 +91,7 @@ fn fp16_variant_and_io_binding_serve_the_shipped_scores() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let cdnow = support::sample_data().join("purchases/cdnow-master.txt");
-    let mut import = train();
-    import.args(["import", "--source", "cdnow", "--limit", "10000", "--input"]);
-    import.arg(&cdnow).arg("--output").arg(&events);
-    support::assert_success(&support::run_with_limit(import, Duration::from_secs(120)), "import");
+    import("cdnow", &cdnow, 10_000, &events);
 
     let half = dir.path().join("fp16");
     let mut convert = train();
@@ -104,4 +122,42 @@ fn fp16_variant_and_io_binding_serve_the_shipped_scores() {
     println!(
         "io binding {bound_largest:e}; float16 scores {score_largest:e}, all {half_largest:e}"
     );
+}
+
+/// The shipped model's prefix graph serves what scoring every leave-one-out variant whole
+/// serves: the same records, scores and explanation deltas within 1e-5, and the same
+/// explanations up to the order of events whose deltas tie. Real CDNOW purchase histories, up
+/// to the model's 32 events per window.
+#[test]
+fn prefix_reuse_serves_the_whole_sequence_scores_and_explanations() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let cdnow = support::sample_data().join("purchases/cdnow-master.txt");
+    import("cdnow", &cdnow, 10_000, &events);
+    let shipped = support::root().join("models");
+
+    let off = [("MINDSTREAM__MODEL__PREFIX_REUSE", "false")];
+    let (whole, whole_log) = score_with(&events, &shipped, &off, &dir.path().join("whole.jsonl"));
+    let on = [("MINDSTREAM__MODEL__PREFIX_REUSE", "true")];
+    let (reused, reused_log) = score_with(&events, &shipped, &on, &dir.path().join("reused.jsonl"));
+    assert!(whole_log.contains("prefix_reuse=false"), "{whole_log}");
+    assert!(reused_log.contains("prefix_reuse=true"), "{reused_log}");
+    assert!(whole.len() > 1_000, "{} records", whole.len());
+    let long = whole.iter().filter(|r| r.event_count >= 9).count();
+    assert!(long > 100, "only {long} windows have more events than the candidates");
+
+    let difference = largest(&paired_values(&whole, &reused));
+    assert!(difference < 1e-5, "prefix reuse changed a value by {difference}");
+    for (a, b) in whole.iter().zip(&reused) {
+        for (x, y) in a.scores.iter().zip(&b.scores) {
+            let deltas = |s: &mindstream::signals::Score| -> Vec<f32> {
+                s.top_events.iter().map(|e| e.delta.abs()).collect()
+            };
+            let (p, q) = (deltas(x), deltas(y));
+            assert_eq!(p.len(), q.len(), "{} {}: {p:?} against {q:?}", a.user_key, x.signal);
+            let apart = p.iter().zip(&q).map(|(u, v)| (u - v).abs()).fold(0.0, f32::max);
+            assert!(apart < 1e-5, "{} {}: named {p:?}, then {q:?}", a.user_key, x.signal);
+        }
+    }
+    println!("prefix reuse: {} records, largest difference {difference:e}", whole.len());
 }
