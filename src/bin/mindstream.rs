@@ -188,7 +188,15 @@ fn load_model_and_key(config: &Config) -> Result<(LoadedModel, Pseudonymizer), E
         Pseudonymizer::from_config(&config.privacy).map_err(|e| cli::report(&e, EXIT_USAGE))?;
     let model = LoadedModel::load(&config.model, config.scoring.workers)
         .map_err(|e| cli::report(&e, EXIT_FAILURE))?;
+    log_loaded(&model, config);
     Ok((model, key))
+}
+
+/// The `model loaded` log line.
+fn log_loaded(model: &LoadedModel, config: &Config) {
+    tracing::info!(model_version = %model.card.model_version, provider = model.provider,
+        precision = model.card.precision.as_str(), io_binding = config.model.io_binding,
+        prefix_reuse = model.prefix_reuse, signals = model.card.signals.len(), "model loaded");
 }
 
 fn run(config: Config, options: RunOptions) -> ExitCode {
@@ -262,9 +270,7 @@ async fn load_model(config: &Config) -> Result<LoadedModel, ExitCode> {
         .await
         .map_err(|err| cli::report(&err, EXIT_FAILURE))?;
     let model = loaded.map_err(|err| cli::report(&err, EXIT_FAILURE))?;
-    tracing::info!(model_version = %model.card.model_version, provider = model.provider,
-        precision = model.card.precision.as_str(), io_binding = config.model.io_binding,
-        prefix_reuse = model.prefix_reuse, signals = model.card.signals.len(), "model loaded");
+    log_loaded(&model, config);
     let labels = [
         ("model_version", model.card.model_version.clone()),
         ("execution_provider", model.provider.to_owned()),

@@ -126,8 +126,7 @@ fn fp16_variant_and_io_binding_serve_the_shipped_scores() {
 
 /// The shipped model's prefix graph serves what scoring every leave-one-out variant whole
 /// serves: the same records, scores and explanation deltas within 1e-5, and the same
-/// explanations up to the order of events whose deltas tie. Real CDNOW purchase histories, up
-/// to the model's 32 events per window.
+/// explanations up to the order of events whose deltas tie. Real CDNOW purchase histories.
 #[test]
 fn prefix_reuse_serves_the_whole_sequence_scores_and_explanations() {
     let dir = tempfile::tempdir().unwrap();
@@ -143,8 +142,9 @@ fn prefix_reuse_serves_the_whole_sequence_scores_and_explanations() {
     assert!(whole_log.contains("prefix_reuse=false"), "{whole_log}");
     assert!(reused_log.contains("prefix_reuse=true"), "{reused_log}");
     assert!(whole.len() > 1_000, "{} records", whole.len());
-    let long = whole.iter().filter(|r| r.event_count >= 9).count();
-    assert!(long > 100, "only {long} windows have more events than the candidates");
+    // A variant has tokens after its left-out event unless that event is the newest.
+    let long = whole.iter().filter(|r| r.event_count >= 3).count();
+    assert!(long > 100, "only {long} windows have three events or more");
 
     let difference = largest(&paired_values(&whole, &reused));
     assert!(difference < 1e-5, "prefix reuse changed a value by {difference}");
