@@ -10,9 +10,11 @@
 #   3. points the processor at that wheel's libonnxruntime.so (ORT_DYLIB_PATH) and the loader
 #      at the nvidia-* libraries (LD_LIBRARY_PATH);
 #   4. builds with --features cuda and writes the float16 model to .tools/models-fp16;
-#   5. runs the bench once per row and prints sequences/s through the workers, the ratio to
-#      the bare session on the same provider, the speed-up over the cpu row, and the largest
-#      score difference from the shipped model on the cpu.
+#   5. runs the bench once per row and prints sequences/s through the workers scoring every
+#      sequence whole, the ratio to the bare session on the same provider, the speed-up over
+#      the cpu row, sequences/s with variants scored from cached prefixes (float32 rows; the
+#      float16 variant has no prefix graph), and the largest score difference from the
+#      shipped model on the cpu.
 # Every row's full bench output is kept in .tools/gpu-bench/. Exit status: 0 done, 2 no GPU,
 # 1 anything else. The wheels are about 2.5 GB; where PyPI cannot be reached, pip's own
 # PIP_NO_INDEX=1 and PIP_FIND_LINKS=DIR install them from a folder.
@@ -150,11 +152,13 @@ for row in "${rows[@]}"; do
   bare=$(value '^ bare session' "$file")
   workers=$(value '^ through the workers' "$file")
   ratio=$(value '^ ratio, workers' "$file")
+  reusing=$(value '^ through the workers, variants' "$file")
   difference=$(value '^ largest score difference' "$file")
   [ -n "$workers" ] || fail "row '$name' printed no result (see $file)"
   cpu_rate=${cpu_rate:-$workers}
   speedup=$(awk -v a="$workers" -v b="$cpu_rate" 'BEGIN { printf "%.2f", a / b }')
-  table+=("| $name | $workers | $bare | $ratio | ${speedup}x | ${difference:-0 (reference)} |")
+  table+=("| $name | $workers | $bare | $ratio | ${speedup}x | ${reusing:--} \
+| ${difference:-0 (reference)} |")
 done
 
 windows=$(value '^ windows' "$file")
@@ -162,6 +166,6 @@ echo
 echo "${gpus:-no GPU (--cpu-only)}; ONNX Runtime $ort_version ($ort_lib); $windows Taobao windows"
 echo
 echo "| row | sequences/s through the workers | bare session | ratio to bare | vs cpu \
-| largest score difference from cpu fp32 |"
-echo "|---|---|---|---|---|---|"
+| sequences/s reusing prefixes | largest score difference from cpu fp32 |"
+echo "|---|---|---|---|---|---|---|"
 printf '%s\n' "${table[@]}"
