@@ -18,7 +18,7 @@ use ort::value::Tensor;
 use crate::config::ModelConfig;
 use crate::model::card::{HeadWeights, ModelCard, Platt};
 use crate::model::heads;
-use crate::model::scorer::{calibrate, open_session, verify_checksum, ModelError};
+use crate::model::scorer::{calibrate, open_session, pad_batch, verify_checksum, ModelError};
 
 /// The cached keys, values and hidden states of a window's first `len` positions.
 pub struct Prefix {
@@ -136,17 +136,7 @@ impl PrefixScorer {
         if batch == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
-        let seq = sequences.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
-        let mut ids = vec![0i64; batch * seq];
-        let mut mask = vec![0i64; batch * seq];
-        let mut positions = vec![0i64; batch * seq];
-        for (row, tokens) in sequences.iter().enumerate() {
-            for (t, &token) in tokens.iter().enumerate() {
-                ids[row * seq + t] = i64::from(token);
-                mask[row * seq + t] = 1;
-                positions[row * seq + t] = t as i64;
-            }
-        }
+        let (seq, ids, mask, positions) = pad_batch(sequences);
         let outputs = self.run(batch, seq, 0, ids, positions, mask.clone(), |_| {})?;
         let (hidden, presents) = outputs;
         let pooled = heads::pool(&hidden, batch, seq, self.n_embd, &mask);

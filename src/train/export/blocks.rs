@@ -95,14 +95,7 @@ fn embed(g: &mut GraphBuilder, model: &Gpt2, positions: &str) -> Result<String, 
 /// The `[b, 1, s, past + s]` attention bias of a graph with a cached prefix: query `i` sits at
 /// key index `past + i`, and keys after it or masked out get [`MASK_BIAS`].
 fn shared_with_past(g: &mut GraphBuilder) -> String {
-    g.scalar_i64("const.zero_i64", 0);
-    g.scalar_i64("const.one_i64", 1);
-    g.scalar_f32("const.zero_f32", 0.0);
-    g.scalar_f32("const.one_f32", 1.0);
-    g.scalar_f32("const.mask_bias", MASK_BIAS);
-    g.vector_i64("const.axes_0", &[0]);
-    g.vector_i64("const.axes_1", &[1]);
-    g.vector_i64("const.axes_1_2", &[1, 2]);
+    constants(g);
 
     let length = |g: &mut GraphBuilder, of: &str| {
         let dim = g.op("Shape", &[of], vec![attr_int("start", 1), attr_int("end", 2)]);
@@ -121,23 +114,12 @@ fn shared_with_past(g: &mut GraphBuilder) -> String {
 
     let to_float = vec![attr_int("to", DataType::FLOAT as i64)];
     let mask_f = g.op("Cast", &[ATTENTION_MASK], to_float);
-    let padded = g.op("Sub", &["const.one_f32", &mask_f], vec![]);
-    let padded = g.op("Mul", &[&padded, "const.mask_bias"], vec![]);
-    let padded = g.op("Unsqueeze", &[&padded, "const.axes_1_2"], vec![]);
-    g.op("Add", &[&future, &padded], vec![])
+    with_padded_keys(g, &future, &mask_f)
 }
 
 /// The float mask, the `[b, 1, s, s]` attention bias and `range = [0, 1, ..., s - 1]`.
 fn shared(g: &mut GraphBuilder) -> Shared {
-    g.scalar_i64("const.zero_i64", 0);
-    g.scalar_i64("const.one_i64", 1);
-    g.scalar_f32("const.zero_f32", 0.0);
-    g.scalar_f32("const.one_f32", 1.0);
-    g.scalar_f32("const.mask_bias", MASK_BIAS);
-    g.vector_i64("const.axes_0", &[0]);
-    g.vector_i64("const.axes_1", &[1]);
-    g.vector_i64("const.axes_2", &[2]);
-    g.vector_i64("const.axes_1_2", &[1, 2]);
+    constants(g);
 
     let to_float = vec![attr_int("to", DataType::FLOAT as i64)];
     let mask_f = g.op("Cast", &[ATTENTION_MASK], to_float);
@@ -150,11 +132,30 @@ fn shared(g: &mut GraphBuilder) -> Shared {
     let future = g.op("Greater", &[&keys, &queries], vec![]);
     let future = g.op("Where", &[&future, "const.mask_bias", "const.zero_f32"], vec![]);
 
-    let padded = g.op("Sub", &["const.one_f32", &mask_f], vec![]);
+    let bias = with_padded_keys(g, &future, &mask_f);
+    Shared { mask_f, bias, range }
+}
+
+/// The scalars and axes the shared tensors and the blocks use.
+fn constants(g: &mut GraphBuilder) {
+    g.scalar_i64("const.zero_i64", 0);
+    g.scalar_i64("const.one_i64", 1);
+    g.scalar_f32("const.zero_f32", 0.0);
+    g.scalar_f32("const.one_f32", 1.0);
+    g.scalar_f32("const.mask_bias", MASK_BIAS);
+    g.vector_i64("const.axes_0", &[0]);
+    g.vector_i64("const.axes_1", &[1]);
+    g.vector_i64("const.axes_2", &[2]);
+    g.vector_i64("const.axes_1_2", &[1, 2]);
+}
+
+/// `future [s, t]` plus [`MASK_BIAS`] at the keys `mask_f [b, t]` marks as padding: the
+/// `[b, 1, s, t]` attention bias.
+fn with_padded_keys(g: &mut GraphBuilder, future: &str, mask_f: &str) -> String {
+    let padded = g.op("Sub", &["const.one_f32", mask_f], vec![]);
     let padded = g.op("Mul", &[&padded, "const.mask_bias"], vec![]);
     let padded = g.op("Unsqueeze", &[&padded, "const.axes_1_2"], vec![]);
-    let bias = g.op("Add", &[&future, &padded], vec![]);
-    Shared { mask_f, bias, range }
+    g.op("Add", &[future, &padded], vec![])
 }
 
 /// One pre-norm transformer block over `x [b, s, d]`; with cached keys and values (`past`),

@@ -207,10 +207,7 @@ pub fn build_model_with(
     if let Some(found) = heads.map(Heads::dim).filter(|&d| d != expected) {
         return Err(ExportError::HeadsWidth { expected, found });
     }
-    let bytes = 4 * model.num_parameters();
-    if bytes > MAX_WEIGHT_BYTES {
-        return Err(ExportError::TooLarge { bytes });
-    }
+    check_size(model)?;
 
     let mut graph = GraphBuilder::default();
     let (hidden, shared) = backbone(&mut graph, model, positions)?;
@@ -221,8 +218,21 @@ pub fn build_model_with(
         graph.alias(&scores, SCORES);
         graph.output_f32(SCORES, &[Dim::Batch, Dim::Fixed(heads.k())]);
     }
+    Ok(model_proto(graph, meta))
+}
 
-    Ok(ModelProto {
+/// Refuses weights that cannot be serialised into one protobuf message.
+fn check_size(model: &Gpt2) -> Result<(), ExportError> {
+    let bytes = 4 * model.num_parameters();
+    match bytes > MAX_WEIGHT_BYTES {
+        true => Err(ExportError::TooLarge { bytes }),
+        false => Ok(()),
+    }
+}
+
+/// The file around a finished graph: IR version, opset, producer and metadata.
+fn model_proto(graph: GraphBuilder, meta: &ExportMeta) -> ModelProto {
+    ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto { version: OPSET, ..Default::default() }],
         producer_name: "mindstream-train".into(),
@@ -230,7 +240,7 @@ pub fn build_model_with(
         graph: Some(graph.finish()).into(),
         metadata_props: meta.props(),
         ..Default::default()
-    })
+    }
 }
 
 /// Writes the graph that continues from cached keys and values (see the module docs) as one
@@ -242,10 +252,7 @@ pub fn export_prefix_onnx(model: &Gpt2, path: &Path, meta: &ExportMeta) -> Resul
 /// The graph of [`export_prefix_onnx`] in memory.
 pub fn build_prefix_model(model: &Gpt2, meta: &ExportMeta) -> Result<ModelProto, ExportError> {
     meta.validate(None)?;
-    let bytes = 4 * model.num_parameters();
-    if bytes > MAX_WEIGHT_BYTES {
-        return Err(ExportError::TooLarge { bytes });
-    }
+    check_size(model)?;
     let config = model.config();
     let mut graph = GraphBuilder::default();
     let (hidden, presents) = prefix_backbone(&mut graph, model)?;
@@ -259,15 +266,7 @@ pub fn build_prefix_model(model: &Gpt2, meta: &ExportMeta) -> Result<ModelProto,
             graph.output_f32(&name, &cache);
         }
     }
-    Ok(ModelProto {
-        ir_version: IR_VERSION,
-        opset_import: vec![OperatorSetIdProto { version: OPSET, ..Default::default() }],
-        producer_name: "mindstream-train".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        graph: Some(graph.finish()).into(),
-        metadata_props: meta.props(),
-        ..Default::default()
-    })
+    Ok(model_proto(graph, meta))
 }
 
 /// Input name of a layer's cached `key` or `value`.
