@@ -31,6 +31,8 @@
 //! `cargo bench --bench e2e -- [WORKERS]`; `cargo bench --bench e2e -- WORKERS RATE [EVENTS]`
 //! runs only one real-time replay at RATE and prints its latencies;
 //! `cargo bench --bench e2e -- WORKERS catch-up` only the catch-up and the Python baseline.
+//! With `E2E_TRACE=1` the single replay also prints the slowest latency of each 100 ms of
+//! produce time over its first five seconds, which shows stalls the tenths average out.
 
 mod common;
 
@@ -94,6 +96,18 @@ fn main() {
                 percentile(&part, 0.99),
                 percentile(&part, 1.0)
             );
+        }
+        if std::env::var("E2E_TRACE").is_ok() {
+            let start = run.samples.first().map_or(0, |(produced, _)| *produced);
+            let mut slots: BTreeMap<i64, (usize, f64)> = BTreeMap::new();
+            for (produced, latency) in &run.samples {
+                let slot = slots.entry((produced - start) / 100).or_default();
+                slot.0 += 1;
+                slot.1 = slot.1.max(*latency);
+            }
+            for (slot, (count, slowest)) in slots.iter().take(50) {
+                println!("from {} ms: {count} events, slowest {slowest:.0} ms", slot * 100);
+            }
         }
         return;
     }

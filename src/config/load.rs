@@ -131,6 +131,9 @@ impl Config {
         if self.scoring.queue_capacity == 0 {
             return Err(("scoring.queue_capacity", "must be at least 1".into()));
         }
+        if self.scoring.max_waiting == 0 {
+            return Err(("scoring.max_waiting", "must be at least 1".into()));
+        }
         if self.scoring.workers == 0 {
             return Err(("scoring.workers", "must be at least 1".into()));
         }

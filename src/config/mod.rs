@@ -320,6 +320,10 @@ pub struct ScoringConfig {
     /// Scoring jobs queued for the model before the consumer waits.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// Users with unscored changes not yet queued, above which the input partitions are
+    /// paused; they resume once it is back to half.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
     /// Leave-one-out explanations: how many of the newest events are tried (0 turns them off).
     #[serde(default = "default_explain_candidates")]
     pub explain_candidates: usize,
@@ -485,6 +489,9 @@ fn default_batch_wait() -> Duration {
 fn default_queue_capacity() -> usize {
     256
 }
+fn default_max_waiting() -> usize {
+    8192
+}
 fn default_explain_candidates() -> usize {
     8
 }
@@ -565,6 +572,7 @@ impl Default for ScoringConfig {
             batch_size: default_batch_size(),
             max_batch_wait: default_batch_wait(),
             queue_capacity: default_queue_capacity(),
+            max_waiting: default_max_waiting(),
             explain_candidates: default_explain_candidates(),
             explain_top: default_explain_top(),
             workers: default_workers(),

@@ -42,6 +42,8 @@ fn bad_value_is_named() {
     assert!(err.to_string().contains("scoring.coalesce"), "{err}");
     let err = load(&format!("{MINIMAL}\n[scoring]\nbatch_size = 0\n"), &[]).unwrap_err();
     assert!(err.to_string().contains("scoring.batch_size"), "{err}");
+    let err = load(&format!("{MINIMAL}\n[scoring]\nmax_waiting = 0\n"), &[]).unwrap_err();
+    assert!(err.to_string().contains("scoring.max_waiting"), "{err}");
 }
 
 #[test]

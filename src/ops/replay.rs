@@ -84,7 +84,8 @@ impl Replay<'_> {
         let producer: ThreadedProducer<Counting> =
             client.create_with_context(context).map_err(ReplayError::Producer)?;
 
-        let started = Instant::now();
+        let begun = Instant::now();
+        let mut started = begun;
         let mut stats = ReplayStats::default();
         for line in std::io::BufReader::new(file).split(b'\n') {
             let line = line.map_err(read_err)?;
@@ -103,12 +104,22 @@ impl Replay<'_> {
             let key = decoded.as_ref().ok().map(|e| e.user_id.as_str());
             self.send(&producer, key, &payload)?;
             stats.sent += 1;
-            self.pace(started, stats.sent);
+            if stats.sent == 1 && self.rate > 0.0 {
+                // An idempotent producer sends nothing until the broker has given it an id,
+                // which takes some hundreds of milliseconds; the rate is kept from the first
+                // acknowledgement on, so that the records after it are not held back in a
+                // burst.
+                producer
+                    .flush(Duration::from_secs(60))
+                    .map_err(|source| ReplayError::Send { topic: self.topic.into(), source })?;
+                started = Instant::now();
+            }
+            self.pace(started, stats.sent - 1);
         }
         producer
             .flush(Duration::from_secs(60))
             .map_err(|source| ReplayError::Send { topic: self.topic.into(), source })?;
-        stats.seconds = started.elapsed().as_secs_f64();
+        stats.seconds = begun.elapsed().as_secs_f64();
         match failed.load(Ordering::Relaxed) {
             0 => Ok(stats),
             failed => Err(ReplayError::Undelivered { failed }),
@@ -139,7 +150,7 @@ impl Replay<'_> {
         }
     }
 
-    /// Sleeps so that `sent` records take `sent / rate` seconds.
+    /// Sleeps so that `sent` records after the first take `sent / rate` seconds.
     fn pace(&self, started: Instant, sent: u64) {
         if self.rate <= 0.0 {
             return;

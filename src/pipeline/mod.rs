@@ -126,8 +126,11 @@ struct Processor {
     start_positions: std::collections::HashMap<Partition, i64>,
     /// When the last input record arrived (for the caught-up check).
     last_record: Instant,
-    /// Consumption is paused because more users are due than the scoring queue takes.
+    /// Consumption is paused because too many users wait for scoring (see
+    /// [`keep_paused`]).
     paused: bool,
+    /// `scoring.max_waiting`.
+    max_waiting: usize,
     /// Records read since start, for the progress log.
     records_in: u64,
     /// Rejections waiting for their log line.
@@ -247,6 +250,7 @@ pub async fn run(
         start_positions: std::collections::HashMap::new(),
         last_record: Instant::now(),
         paused: false,
+        max_waiting: config.scoring.max_waiting,
         records_in: 0,
         rejections: RejectionLog::default(),
         lag_reported: std::collections::HashSet::new(),
@@ -465,23 +469,24 @@ impl Processor {
     }
 
     /// Hands the users whose debounce has passed to the model workers, as many as the queue
-    /// has room for. While users are left waiting the input partitions are paused, so memory
-    /// stays bounded and the consumer keeps polling (and stays in its group).
+    /// has room for. While too many users wait the input partitions are paused, so the
+    /// backlog stays in Kafka and the consumer keeps polling (and stays in its group).
     fn dispatch_due(&mut self, consumer: &SourceConsumer) -> Result<(), PipelineError> {
         let Some(sender) = &self.requests else { return Ok(()) };
         let room = sender.capacity().unwrap_or(usize::MAX).saturating_sub(sender.len());
-        let (due, more) = self.store.take_due(Instant::now(), room);
+        let (due, _) = self.store.take_due(Instant::now(), room);
         for request in due {
             // Only this task sends, so the room counted above is still there.
             sender.try_send(request).map_err(|_| PipelineError::WorkersGone)?;
         }
         metrics::gauge!(m::SCORING_QUEUE_DEPTH).set(sender.len() as f64);
-        self.set_paused(consumer, more);
+        let pause = keep_paused(self.paused, self.store.waiting(), self.max_waiting);
+        self.set_paused(consumer, pause);
         Ok(())
     }
 
     fn set_paused(&mut self, consumer: &SourceConsumer, pause: bool) {
-        if pause == self.paused && !pause {
+        if pause == self.paused {
             return;
         }
         let Ok(assignment) = consumer.assignment() else { return };
@@ -490,10 +495,8 @@ impl Processor {
             tracing::warn!(cause = %err, pause, "cannot pause or resume the input partitions");
             return;
         }
-        if pause != self.paused {
-            tracing::info!(paused = pause, queue = self.store.dirty(), "scoring backpressure");
-            metrics::gauge!(m::CONSUMER_PAUSED).set(f64::from(u8::from(pause)));
-        }
+        tracing::info!(paused = pause, waiting = self.store.waiting(), "scoring backpressure");
+        metrics::gauge!(m::CONSUMER_PAUSED).set(f64::from(u8::from(pause)));
         self.paused = pause;
     }
 
@@ -537,6 +540,19 @@ impl Processor {
     }
 }
 
+/// Whether the input stays (or becomes) paused with `waiting` users not yet queued for
+/// scoring: it pauses above `max_waiting` and resumes at half of it. The gap matters:
+/// librdkafka drops a paused partition's prefetched records and takes up to a fetch round
+/// trip or more to fetch again after a resume, so pausing at every short burst would stall
+/// the input about once a second under a load the workers keep up with.
+fn keep_paused(paused: bool, waiting: usize, max_waiting: usize) -> bool {
+    if paused {
+        waiting > max_waiting / 2
+    } else {
+        waiting > max_waiting
+    }
+}
+
 /// Longest pause between coalescing checks.
 const TICK_MAX: Duration = Duration::from_millis(10);
 /// How often gauges, eviction, lag and the progress line are refreshed.
@@ -575,5 +591,26 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
         _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keep_paused;
+
+    #[test]
+    fn input_pauses_above_the_limit_and_resumes_at_half() {
+        // Running: a burst up to the limit is absorbed.
+        assert!(!keep_paused(false, 0, 100));
+        assert!(!keep_paused(false, 100, 100));
+        assert!(keep_paused(false, 101, 100));
+        // Paused: stays so until the backlog is down to half.
+        assert!(keep_paused(true, 100, 100));
+        assert!(keep_paused(true, 51, 100));
+        assert!(!keep_paused(true, 50, 100));
+        // A limit of one pauses at two waiting and resumes when none is left.
+        assert!(keep_paused(false, 2, 1));
+        assert!(keep_paused(true, 1, 1));
+        assert!(!keep_paused(true, 0, 1));
     }
 }

@@ -452,6 +452,12 @@ impl<T> Store<T> {
         self.users.len()
     }
 
+    /// Users waiting to be handed out for scoring, their debounce passed or not (an upper
+    /// bound: entries of users scored or forgotten since are counted until they come up).
+    pub fn waiting(&self) -> usize {
+        self.due.len()
+    }
+
     /// Users with changes not yet handed out for scoring.
     pub fn dirty(&self) -> usize {
         self.users.values().filter(|t| t.dirty_since.is_some()).count()

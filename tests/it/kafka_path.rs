@@ -256,3 +256,93 @@ fn assert_same_signal(offline: &SignalRecord, kafka: &SignalRecord) {
         }
     }
 }
+
+/// A backlog larger than `scoring.max_waiting` pauses the input, which resumes once half of
+/// it is scored; nothing read before a pause is lost or scored twice, and every offset is
+/// committed at the end.
+#[test]
+fn backpressure_pauses_and_resumes_without_losing_events() {
+    let fixture = fixture();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (clicks_topic, signals_topic) = (support::unique("clicks"), support::unique("signals"));
+    let group = support::unique("group");
+    const MAX_WAITING: usize = 16;
+    let config = support::write_config(
+        dir.path(),
+        &broker,
+        &group,
+        &format!(
+            "[[inputs]]\ntopic = \"{clicks_topic}\"\nformat = \"json\"\n\
+             [output]\nsignals_topic = \"{signals_topic}\"\nformat = \"json\"\n\
+             dlq_topic = \"{}\"\n\
+             [scoring]\ncoalesce = \"10ms\"\nqueue_capacity = 4\nbatch_size = 4\n\
+             max_waiting = {MAX_WAITING}\nexplain_candidates = 0\n\
+             [log]\nformat = \"json\"\nfilter = \"info\"\n",
+            support::unique("dlq")
+        ),
+    );
+    let lines: Vec<Vec<u8>> =
+        fixture.clicks.iter().map(|e| event::encode(Format::Json, e)).collect();
+    let clicks_file = dir.path().join("clicks.jsonl");
+    write_lines(&clicks_file, &lines);
+    let mut topics = support::mindstream();
+    topics.args(["--config", config.to_str().unwrap(), "topics", "--partitions", "3"]);
+    support::assert_success(&support::run_with_limit(topics, Duration::from_secs(60)), "topics");
+    let mut replay = support::mindstream();
+    replay.args(["--config", config.to_str().unwrap(), "replay", "--input"]);
+    replay.args([clicks_file.to_str().unwrap(), "--topic", &clicks_topic, "--format", "json"]);
+    support::assert_success(&support::run_with_limit(replay, Duration::from_secs(60)), "replay");
+
+    let mut processor = support::Processor::start(&config, true, dir.path().join("run.log"));
+    let status = processor.wait_for_exit(Duration::from_secs(240));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", processor.log_tail());
+
+    // The input paused above the limit and resumed at half of it, in turns.
+    let turns = processor.log_events("scoring backpressure");
+    assert!(turns.len() >= 2, "no pause and resume:\n{}", processor.log_tail());
+    for (i, turn) in turns.iter().enumerate() {
+        let (paused, waiting) = (turn["paused"].as_bool(), turn["waiting"].as_u64());
+        let waiting = waiting.unwrap() as usize;
+        if i % 2 == 0 {
+            assert_eq!(paused, Some(true), "turn {i}: {turn}");
+            assert!(waiting > MAX_WAITING, "turn {i}: {turn}");
+        } else {
+            assert_eq!(paused, Some(false), "turn {i}: {turn}");
+            assert!(waiting <= MAX_WAITING / 2, "turn {i}: {turn}");
+        }
+    }
+
+    // Every user's latest record covers all of its events: the same as the offline scorer's.
+    let records =
+        support::signal_records(&support::read_all(&broker, &signals_topic), Format::Json);
+    let mut versions = BTreeSet::new();
+    for (_, record) in &records {
+        assert!(versions.insert((record.user_key.clone(), record.version)), "scored twice");
+    }
+    let latest = support::latest(records.into_iter().map(|(_, r)| r));
+    let offline_output = dir.path().join("signals.jsonl");
+    let mut score = support::mindstream();
+    score.args(["--config", config.to_str().unwrap(), "score", "--input"]);
+    score.args([clicks_file.to_str().unwrap(), "--output"]);
+    score.arg(&offline_output);
+    support::assert_success(&support::run_with_limit(score, Duration::from_secs(240)), "score");
+    let offline: Vec<SignalRecord> = std::fs::read_to_string(&offline_output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(offline.len(), latest.len(), "users scored");
+    for record in &offline {
+        let kafka = &latest[&record.user_key];
+        assert_eq!(
+            (record.event_count, record.window_end_ms),
+            (kafka.event_count, kafka.window_end_ms),
+            "{} window",
+            record.user_key
+        );
+    }
+    for (partition, committed, end) in support::committed_and_end(&broker, &group, &clicks_topic) {
+        assert_eq!(committed, end, "{clicks_topic}[{partition}] committed offset");
+    }
+}

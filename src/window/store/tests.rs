@@ -72,10 +72,11 @@ fn take_due_respects_the_limit() {
     for user in ["a", "b", "c"] {
         store.apply(event(user, 1_000), lineage(0, 0), 0, now);
     }
+    assert_eq!(store.waiting(), 3);
     let (first, more) = store.take_due(now, 2);
-    assert_eq!((first.len(), more), (2, true));
+    assert_eq!((first.len(), more, store.waiting()), (2, true, 1));
     let (rest, more) = store.take_due(now, 2);
-    assert_eq!((rest.len(), more), (1, false));
+    assert_eq!((rest.len(), more, store.waiting()), (1, false, 0));
     let sequences: Vec<u64> = first.iter().chain(&rest).map(|r| r.context.sequence).collect();
     assert_eq!(sequences, [0, 1, 2], "requests are numbered in the order they are made");
 }
