@@ -16,10 +16,12 @@
 //!   the same backlog. The bench checks that
 //!   it computes the processor's scores for the same windows (records matched by user key and
 //!   version, within 1e-3) and compares the catch-up rates.
-//! - Saturation: the slice is replayed in real time at falling fractions of the catch-up rate
-//!   (0.4, 0.3, 0.25, ...) until the processor keeps up: every event gets a signal and none of
-//!   the last tenth waited over a second, so no backlog built up. The whole slice, because the
-//!   work per event grows along it as users' windows fill.
+//! - Saturation: the slice is replayed in real time at fractions of the catch-up rate, 0.4
+//!   first, then up (0.5, 0.6, 0.8, 1) while the processor keeps up, or else down (0.3, 0.25,
+//!   ...) until it does; the highest rate kept up with is the saturation rate. Keeping up:
+//!   every event gets a signal and none of the last tenth waited over a second, so no backlog
+//!   built up. The whole slice, because the work per event grows along it as users' windows
+//!   fill.
 //! - Latency: the whole slice is replayed at half the saturation rate; for every input event,
 //!   the latency is the broker timestamp of the first signal record of its user that covers it
 //!   (lineage at or after the event's offset) minus the event's own broker timestamp.
@@ -132,26 +134,33 @@ fn main() {
     }
 
     // Saturation: the highest of the trial rates, as fractions of the catch-up rate, that the
-    // processor keeps up with when the events arrive in real time.
+    // processor keeps up with when the events arrive in real time. The first trial decides the
+    // direction: up while trials keep up, else down until one does.
     let mut trials = Vec::new();
-    let mut saturation = None;
-    let fractions: &[f64] = if common::quick() { &[0.2] } else { &TRIAL_FRACTIONS };
     // Each real-time run gets a broker of its own: the test broker keeps every topic in
     // memory, and its CPU per request grows with what earlier lanes left in it (a shared
     // broker made the later trials fall behind at rates a fresh one sustains).
     drop(broker);
-    for (index, fraction) in fractions.iter().enumerate() {
+    let mut trial = |fraction: f64| {
         let rate = catch_up * fraction;
-        let name = format!("trial{index}");
+        let name = format!("trial{}", trials.len());
         let broker = Broker::start();
         let trial = latency_run(&broker, dir.path(), &name, &file, events.len(), workers, rate);
         let kept_up = trial.keeps_up();
         trials.push((rate, trial.achieved, trial.tail_max(), kept_up));
-        if kept_up {
-            saturation = Some(trial.achieved);
-            break;
+        kept_up.then_some(trial.achieved)
+    };
+    let saturation = if common::quick() {
+        trial(0.2)
+    } else if let Some(mut highest) = trial(FIRST_TRIAL) {
+        for fraction in TRIALS_UP {
+            let Some(achieved) = trial(fraction) else { break };
+            highest = achieved;
         }
-    }
+        Some(highest)
+    } else {
+        TRIALS_DOWN.into_iter().find_map(&mut trial)
+    };
     let saturation = saturation.expect("the processor keeps up with one of the trial rates");
 
     // Latency at half the saturation rate, the whole slice.
@@ -232,8 +241,12 @@ fn print_catch_up(
 /// its per-event batches are too small to split.
 const BASELINE_THREADS: usize = 1;
 
-/// Trial rates as fractions of the catch-up rate, tried from the top until one keeps up.
-const TRIAL_FRACTIONS: [f64; 6] = [0.4, 0.3, 0.25, 0.2, 0.15, 0.1];
+/// The first trial rate, as a fraction of the catch-up rate.
+const FIRST_TRIAL: f64 = 0.4;
+/// Trial rates tried in turn while they keep up, after a first trial that did.
+const TRIALS_UP: [f64; 4] = [0.5, 0.6, 0.8, 1.0];
+/// Trial rates tried in turn until one keeps up, after a first trial that fell behind.
+const TRIALS_DOWN: [f64; 5] = [0.3, 0.25, 0.2, 0.15, 0.1];
 /// A trial keeps up when every event got a signal and none of the last tenth of its events
 /// waited longer than this.
 const KEEPS_UP_MS: f64 = 1_000.0;

@@ -4,9 +4,10 @@
 //! Starts a Tansu broker from `.tools/bin` on a free loopback port, writes the real Taobao slice
 //! into a JSON topic of four partitions keyed by user, then reads it back to its end with fresh
 //! consumer groups, alternately: the raw side polls and counts; the other is laid out as the
-//! processor is (a polling thread handing records over a bounded channel) and decodes each
-//! record with the processor's decoder and applies it to a real `Store` (watermarks, windows,
-//! interests, coalescing bookkeeping). Each side is timed three times and the median kept.
+//! processor is (a polling thread handing over the records that were ready together, up to
+//! 256 at a time, over a bounded channel) and decodes each record with the processor's decoder
+//! and applies it to a real `Store` (watermarks, windows, interests, coalescing bookkeeping).
+//! Both sides set `fetch.queue.backoff.ms` as the processor does. Each side is timed three times and the median kept.
 //! The slice is written five times, each copy with its own user ids and shifted ten days (the slice spans nine)
 //! later, so both sides read 551,500 records. Where the time goes is shown by timing the stages
 //! of the windowed side on the same payloads in memory. `cargo bench --bench ingest`.
@@ -26,6 +27,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
 use common::{median, Broker};
+use mindstream::source::POLLED_CAPACITY;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -148,8 +150,9 @@ fn produce(address: &str, events: &[Vec<u8>]) {
 }
 
 /// Reads the topic to `total` records with a fresh group. The raw side polls and counts. The
-/// windowed side is laid out as the processor is: a thread polls and hands records over a
-/// bounded channel, and another decodes each record and applies it to a store.
+/// windowed side is laid out as the processor is: a thread polls and hands the records over a
+/// bounded channel in batches of those that were ready together, and another decodes each
+/// record and applies it to a store.
 fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", address)
@@ -158,6 +161,7 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
         .set("heartbeat.interval.ms", "1000")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.queue.backoff.ms", mindstream::source::FETCH_QUEUE_BACKOFF_MS)
         .create()
         .expect("consumer");
     consumer.subscribe(&[TOPIC]).expect("subscribe");
@@ -174,7 +178,8 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
         return started.map_or(Duration::ZERO, |s| s.elapsed());
     }
 
-    let (sender, records) = std::sync::mpsc::sync_channel::<OwnedMessage>(HANDOVER_CAPACITY);
+    let batch = mindstream::source::HANDOVER_BATCH;
+    let (sender, records) = std::sync::mpsc::sync_channel::<Vec<OwnedMessage>>(POLLED_CAPACITY);
     let (first_tx, first_rx) = std::sync::mpsc::channel::<Instant>();
     let poller = std::thread::spawn(move || {
         let mut seen = 0;
@@ -184,7 +189,13 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
                 let _ = first_tx.send(Instant::now());
             }
             seen += 1;
-            if sender.send(message.expect("record").detach()).is_err() {
+            let mut polled = vec![message.expect("record").detach()];
+            while polled.len() < batch && seen < total {
+                let Some(message) = consumer.poll(Duration::ZERO) else { break };
+                seen += 1;
+                polled.push(message.expect("record").detach());
+            }
+            if sender.send(polled).is_err() {
                 return;
             }
         }
@@ -192,7 +203,7 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
     let mut store = common::processor_store();
     let topic: Arc<str> = TOPIC.into();
     let now = Instant::now();
-    for message in records.iter() {
+    for message in records.iter().flatten() {
         let partition = Partition { topic: topic.clone(), partition: message.partition() };
         let lineage = Lineage {
             topic: partition.topic.clone(),
@@ -208,6 +219,3 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
     let started = first_rx.recv().expect("a first record");
     ended - started
 }
-
-/// Records between the polling thread and the windowing one (the processor's own bound).
-const HANDOVER_CAPACITY: usize = 1024;

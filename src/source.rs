@@ -39,7 +39,9 @@ pub type Assignment = Arc<Mutex<BTreeSet<Partition>>>;
 
 /// What the polling thread hands to the pipeline, in order.
 pub enum Polled {
-    Record(OwnedMessage),
+    /// Records in the order polled: those that were ready together, up to
+    /// [`HANDOVER_BATCH`].
+    Records(Vec<OwnedMessage>),
     Error(KafkaError),
     /// Partitions newly assigned, with the restored users of the partition numbers this
     /// instance did not hold before, and the group's committed positions of the partitions.
@@ -101,6 +103,9 @@ pub struct SourceContext {
     /// Set while a restore runs (readiness).
     restoring: Arc<AtomicBool>,
     to_pipeline: mpsc::Sender<Polled>,
+    /// Records polled and not yet handed over. Only the polling thread touches it (rebalance
+    /// callbacks run inside its `poll`), and anything else handed over goes after them.
+    polled: Mutex<Vec<OwnedMessage>>,
     /// Set once the pipeline stops reading; callbacks then only commit.
     stopping: Arc<AtomicBool>,
     restorer: Restorer,
@@ -223,9 +228,37 @@ impl SourceContext {
         );
     }
 
-    /// Hands `polled` to the pipeline; false when it no longer reads. Never blocks a thread
-    /// of the async runtime (the consumer's close may run these callbacks on one).
-    fn send(&self, mut polled: Polled) -> bool {
+    /// Keeps a polled record for the next handover; returns how many are kept.
+    fn keep(&self, message: OwnedMessage) -> usize {
+        let mut polled = self.polled.lock().expect("polled records lock poisoned");
+        polled.push(message);
+        polled.len()
+    }
+
+    /// The records kept so far, in order.
+    fn take_polled(&self) -> Vec<OwnedMessage> {
+        std::mem::take(&mut *self.polled.lock().expect("polled records lock poisoned"))
+    }
+
+    /// Hands the kept records to the pipeline from the polling thread, waiting for room;
+    /// false when it no longer reads.
+    fn hand_over_polled(&self) -> bool {
+        let records = self.take_polled();
+        records.is_empty() || self.to_pipeline.blocking_send(Polled::Records(records)).is_ok()
+    }
+
+    /// Hands the kept records and then `polled` to the pipeline; false when it no longer
+    /// reads. Never blocks a thread of the async runtime (the consumer's close may run these
+    /// callbacks on one).
+    fn send(&self, polled: Polled) -> bool {
+        let records = self.take_polled();
+        if !records.is_empty() && !self.try_hand_over(Polled::Records(records)) {
+            return false;
+        }
+        self.try_hand_over(polled)
+    }
+
+    fn try_hand_over(&self, mut polled: Polled) -> bool {
         loop {
             if self.stopping.load(Ordering::SeqCst) {
                 return false;
@@ -421,8 +454,10 @@ fn is_transient(err: &KafkaError) -> bool {
 
 pub type SourceConsumer = BaseConsumer<SourceContext>;
 
-/// Records buffered between the polling thread and the pipeline.
-const POLLED_CAPACITY: usize = 1024;
+/// Items (mostly batches of records) buffered between the polling thread and the pipeline.
+pub const POLLED_CAPACITY: usize = 8;
+/// Most records handed over as one item.
+pub const HANDOVER_BATCH: usize = 256;
 /// Longest one poll waits, and so the longest the thread takes to notice a stop.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -451,7 +486,8 @@ impl Source {
             tracker: shared.tracker,
             assignment: shared.assignment,
             restoring: shared.restoring,
-            to_pipeline: sender.clone(),
+            to_pipeline: sender,
+            polled: Mutex::new(Vec::with_capacity(HANDOVER_BATCH)),
             stopping: stop.clone(),
             restorer: Restorer::new(config),
             epoch: AtomicU64::new(0),
@@ -466,7 +502,7 @@ impl Source {
             .name("mindstream-poll".into())
             .spawn({
                 let (consumer, stop) = (consumer.clone(), stop.clone());
-                move || poll_loop(&consumer, &sender, &stop)
+                move || poll_loop(&consumer, &stop)
             })
             .map_err(|e| {
                 KafkaError::ClientCreation(format!("cannot start the poll thread: {e}"))
@@ -508,14 +544,29 @@ impl Drop for Source {
     }
 }
 
-fn poll_loop(consumer: &SourceConsumer, sender: &mpsc::Sender<Polled>, stop: &AtomicBool) {
+/// Polls until stopped. The records that are ready together, up to [`HANDOVER_BATCH`], are
+/// handed over as one item, so that the pipeline is woken once per batch rather than once per
+/// record.
+fn poll_loop(consumer: &SourceConsumer, stop: &AtomicBool) {
+    let context = consumer.context();
     while !stop.load(Ordering::SeqCst) {
-        let polled = match consumer.poll(POLL_TIMEOUT) {
-            None => continue,
-            Some(Ok(message)) => Polled::Record(message.detach()),
-            Some(Err(err)) => Polled::Error(err),
-        };
-        if sender.blocking_send(polled).is_err() {
+        let mut timeout = POLL_TIMEOUT;
+        loop {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Ok(message)) => {
+                    if context.keep(message.detach()) >= HANDOVER_BATCH {
+                        break;
+                    }
+                }
+                Some(Err(err)) => {
+                    context.send(Polled::Error(err));
+                    break;
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        if !context.hand_over_polled() {
             tracing::debug!("poll thread stopped: the pipeline closed its end");
             return;
         }
@@ -536,12 +587,19 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
         .set("partition.assignment.strategy", assignment_strategy(config));
     for (key, value) in config.kafka.client.iter().chain(&config.kafka.consumer) {
         client.set(key, value);
     }
     client
 }
+
+/// How long librdkafka waits before fetching again once a partition's prefetched records
+/// exceed its queue limits (`queued.min.messages`, `queued.max.messages.kbytes`). Its default,
+/// a second, leaves a consumer that drains the queue faster than that idle for the rest of
+/// the second: reading a backlog without the model, that halved the rate.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
 /// `cooperative-sticky` with one input topic: a rebalance moves only the partitions that
 /// change owner. With several input topics a user's events arrive on the same partition

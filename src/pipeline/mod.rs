@@ -323,7 +323,11 @@ impl Processor {
                     None => self.windows = None,
                 },
                 polled = source.recv() => match polled {
-                    Polled::Record(message) => self.handle(&message).await,
+                    Polled::Records(records) => {
+                        for message in &records {
+                            self.handle(message).await;
+                        }
+                    }
                     Polled::Error(err) => self.client_error(&err),
                     Polled::Assigned { partitions, restored, committed } => {
                         self.assigned(source.consumer(), &partitions, restored, committed);
