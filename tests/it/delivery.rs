@@ -96,7 +96,9 @@ fn scale_out() {
     let _alone = one_at_a_time();
     let bench = Bench::start();
     let baseline = bench.lane("baseline", "");
-    let lane = bench.lane("scale-out", "");
+    // A low backpressure limit, so that the instances pause and resume their input while
+    // partitions move between them.
+    let lane = bench.lane("scale-out", "[scoring]\nmax_waiting = 64\n");
     let input = bench.fill(&baseline);
     let expected = bench.baseline(&baseline);
 
@@ -115,6 +117,10 @@ fn scale_out() {
     );
     a.kill();
     println!("killed A with offsets {at_kill:?} of {:?} committed", input.ends);
+    let paused = |run: &Processor| {
+        run.log_events("scoring backpressure").iter().filter(|e| e["paused"] == true).count()
+    };
+    assert!(paused(&a) > 0, "A never paused its input for backpressure\n{}", a.log_tail());
 
     // B takes A's partitions once A's session times out. A may have finished its own
     // partitions already, so the commits can reach the end before that: wait for the
@@ -132,6 +138,7 @@ fn scale_out() {
          died\n{}",
         b.log_tail()
     );
+    println!("A paused its input {} times, B {} times", paused(&a), paused(&b));
     assert_same_outcome(&expected, &lane.outcome(&bench.broker), &b);
 }
 
