@@ -7,9 +7,9 @@
 //! processor is (a polling thread handing over the records that were ready together, up to
 //! 256 at a time, over a bounded channel) and decodes each record with the processor's decoder
 //! and applies it to a real `Store` (watermarks, windows, interests, coalescing bookkeeping).
-//! Both sides set `fetch.queue.backoff.ms` as the processor does. Each side is timed three times and the median kept.
-//! The slice is written five times, each copy with its own user ids and shifted ten days (the slice spans nine)
-//! later, so both sides read 551,500 records. Where the time goes is shown by timing the stages
+//! Both sides set `fetch.queue.backoff.ms` as the processor does. Each side is timed three
+//! times and the median kept. The slice is written five times, each copy with its own user ids
+//! and shifted ten days later (the slice spans nine), so both sides read 551,500 records. Where the time goes is shown by timing the stages
 //! of the windowed side on the same payloads in memory. `cargo bench --bench ingest`.
 
 mod common;

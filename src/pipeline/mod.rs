@@ -27,6 +27,7 @@
 //! start-up topic check and the broker probe; `rejections` the burst-limited log of rejected
 //! records.
 
+mod backpressure;
 mod checks;
 mod publish;
 mod rebalance;
@@ -127,7 +128,7 @@ struct Processor {
     /// When the last input record arrived (for the caught-up check).
     last_record: Instant,
     /// Consumption is paused because too many users wait for scoring (see
-    /// [`keep_paused`]).
+    /// [`backpressure::keep_paused`]).
     paused: bool,
     /// `scoring.max_waiting`.
     max_waiting: usize,
@@ -484,7 +485,7 @@ impl Processor {
             sender.try_send(request).map_err(|_| PipelineError::WorkersGone)?;
         }
         metrics::gauge!(m::SCORING_QUEUE_DEPTH).set(sender.len() as f64);
-        let pause = keep_paused(self.paused, self.store.waiting(), self.max_waiting);
+        let pause = backpressure::keep_paused(self.paused, self.store.waiting(), self.max_waiting);
         self.set_paused(consumer, pause);
         Ok(())
     }
@@ -544,19 +545,6 @@ impl Processor {
     }
 }
 
-/// Whether the input stays (or becomes) paused with `waiting` users not yet queued for
-/// scoring: it pauses above `max_waiting` and resumes at half of it. The gap matters:
-/// librdkafka drops a paused partition's prefetched records and takes up to a fetch round
-/// trip or more to fetch again after a resume, so pausing at every short burst would stall
-/// the input about once a second under a load the workers keep up with.
-fn keep_paused(paused: bool, waiting: usize, max_waiting: usize) -> bool {
-    if paused {
-        waiting > max_waiting / 2
-    } else {
-        waiting > max_waiting
-    }
-}
-
 /// Longest pause between coalescing checks.
 const TICK_MAX: Duration = Duration::from_millis(10);
 /// How often gauges, eviction, lag and the progress line are refreshed.
@@ -595,26 +583,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
         _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::keep_paused;
-
-    #[test]
-    fn input_pauses_above_the_limit_and_resumes_at_half() {
-        // Running: a burst up to the limit is absorbed.
-        assert!(!keep_paused(false, 0, 100));
-        assert!(!keep_paused(false, 100, 100));
-        assert!(keep_paused(false, 101, 100));
-        // Paused: stays so until the backlog is down to half.
-        assert!(keep_paused(true, 100, 100));
-        assert!(keep_paused(true, 51, 100));
-        assert!(!keep_paused(true, 50, 100));
-        // A limit of one pauses at two waiting and resumes when none is left.
-        assert!(keep_paused(false, 2, 1));
-        assert!(keep_paused(true, 1, 1));
-        assert!(!keep_paused(true, 0, 1));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use mindstream::event::{self, Format};
@@ -50,7 +51,7 @@ fn fixture() -> Fixture {
     Fixture { clicks, reviews }
 }
 
-fn write_lines(path: &std::path::Path, lines: &[Vec<u8>]) {
+fn write_lines(path: &Path, lines: &[Vec<u8>]) {
     let mut file = std::fs::File::create(path).unwrap();
     for line in lines {
         file.write_all(line).unwrap();
@@ -209,22 +210,27 @@ fn events_in_signals_out_with_dlq_and_commits() {
     let mut all = click_lines.clone();
     all.extend(review_lines);
     write_lines(&offline_input, &all);
-    let offline_output = dir.path().join("signals.jsonl");
-    let mut score = support::mindstream();
-    score.args(["--config", config.to_str().unwrap(), "score", "--input"]);
-    score.args([offline_input.to_str().unwrap(), "--output"]);
-    score.arg(&offline_output);
-    support::assert_success(&support::run_with_limit(score, Duration::from_secs(240)), "score");
-    let offline: Vec<SignalRecord> = std::fs::read_to_string(&offline_output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let offline = offline_scores(&config, &offline_input, &dir.path().join("signals.jsonl"));
     assert_eq!(offline.len(), latest.len());
     for record in &offline {
         let kafka = &latest[&record.user_key];
         assert_same_signal(record, kafka);
     }
+}
+
+/// `mindstream score` over the event file `input`: each user's latest record, written to
+/// `output` and read back.
+fn offline_scores(config: &Path, input: &Path, output: &Path) -> Vec<SignalRecord> {
+    let mut score = support::mindstream();
+    score.args(["--config", config.to_str().unwrap(), "score", "--input"]);
+    score.args([input.to_str().unwrap(), "--output"]);
+    score.arg(output);
+    support::assert_success(&support::run_with_limit(score, Duration::from_secs(240)), "score");
+    std::fs::read_to_string(output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Equal records apart from lineage and production time (scores within float noise from
@@ -321,17 +327,7 @@ fn backpressure_pauses_and_resumes_without_losing_events() {
         assert!(versions.insert((record.user_key.clone(), record.version)), "scored twice");
     }
     let latest = support::latest(records.into_iter().map(|(_, r)| r));
-    let offline_output = dir.path().join("signals.jsonl");
-    let mut score = support::mindstream();
-    score.args(["--config", config.to_str().unwrap(), "score", "--input"]);
-    score.args([clicks_file.to_str().unwrap(), "--output"]);
-    score.arg(&offline_output);
-    support::assert_success(&support::run_with_limit(score, Duration::from_secs(240)), "score");
-    let offline: Vec<SignalRecord> = std::fs::read_to_string(&offline_output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let offline = offline_scores(&config, &clicks_file, &dir.path().join("signals.jsonl"));
     assert_eq!(offline.len(), latest.len(), "users scored");
     for record in &offline {
         let kafka = &latest[&record.user_key];
