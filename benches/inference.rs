@@ -195,7 +195,7 @@ fn taobao_windows(users: usize, window: &mindstream::window::WindowSpec) -> Vec<
     let events = common::taobao_events();
     let mut by_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
     for event in events {
-        by_user.entry(event.user_id.clone()).or_default().push(event);
+        by_user.entry(event.user_id.to_string()).or_default().push(event);
     }
     let spec = StateSpec {
         window: *window,

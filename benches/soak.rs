@@ -97,8 +97,8 @@ fn soak_events(slice: &[Event], count: usize, rate: f64, users: u64) -> Vec<Even
             let mut event = slice[i % slice.len()].clone();
             let mut hasher = DefaultHasher::new();
             event.user_id.hash(&mut hasher);
-            event.user_id = format!("soak-{}", hasher.finish() % users);
-            event.event_id = format!("s{i}");
+            event.user_id = compact_str::format_compact!("soak-{}", hasher.finish() % users);
+            event.event_id = compact_str::format_compact!("s{i}");
             event.event_time_ms = start_ms + (i as f64 * step_ms) as i64;
             event
         })

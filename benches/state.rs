@@ -75,7 +75,7 @@ fn taobao_counts() -> Vec<u64> {
     let events = common::taobao_events();
     let mut per_user: HashMap<String, u64> = HashMap::new();
     for event in events {
-        *per_user.entry(event.user_id).or_default() += 1;
+        *per_user.entry(event.user_id.to_string()).or_default() += 1;
     }
     let mut counts: Vec<u64> = per_user.into_values().collect();
     counts.sort_unstable();
@@ -90,15 +90,18 @@ fn click(user: u64, index: u64, sequence: u64) -> Event {
         _ => Action::View,
     };
     Event {
-        user_id: format!("user-{user}"),
-        event_id: format!("e{sequence}"),
+        user_id: compact_str::format_compact!("user-{user}"),
+        event_id: compact_str::format_compact!("e{sequence}"),
         // In arrival order, 10 ms apart, from 2017-11-25: nothing late, nothing idle.
         event_time_ms: 1_511_568_000_000 + sequence as i64 * 10,
         opt_out: false,
         body: EventBody::Click(Click {
             action,
-            item_id: format!("{}", 1_000_000 + (user * 7919 + index * 104_729) % 4_000_000),
-            category_id: format!("{}", 1_000_000 + (user + index) % 9_000),
+            item_id: compact_str::format_compact!(
+                "{}",
+                1_000_000 + (user * 7919 + index * 104_729) % 4_000_000
+            ),
+            category_id: compact_str::format_compact!("{}", 1_000_000 + (user + index) % 9_000),
             price: None,
             discount: None,
             quantity: None,

@@ -107,17 +107,12 @@ pub fn score_file(
 }
 
 /// The processor's checks on one line, in its order: the limits before parsing, the schema,
-/// the limits on the event, and duplicates. A line has no key and no broker timestamp, so
-/// its size is its value's, and event times are not checked against a broker's clock.
-fn admit(
-    limits: &LimitsConfig,
-    line: &[u8],
-    store: &Store<()>,
-    lineage: &Lineage,
-) -> Result<Event, Rejection> {
+/// and the limits on the event (duplicates are the store's). A line has no key and no broker
+/// timestamp, so its size is its value's, and event times are not checked against a broker's
+/// clock.
+fn admit(limits: &LimitsConfig, line: &[u8]) -> Result<Event, Rejection> {
     limits::check_record(limits, Format::Json, None, Some(line))?;
     let event = limits::check_event(limits, json::decode(line)?, None)?;
-    limits::check_duplicate(limits, &event, |e| store.is_duplicate(e, lineage))?;
     Ok(event)
 }
 
@@ -149,14 +144,14 @@ fn read_events(
         }
         stats.lines += 1;
         let lineage = Lineage { topic: topic.clone(), partition: 0, offset: number as i64 };
-        let rejection = match admit(limits, &line, store, &lineage) {
+        let rejection = match admit(limits, &line) {
             Err(rejection) => Some(rejection),
             Ok(event) => match store.apply(event, lineage, (), now) {
                 Applied::Accepted | Applied::AlreadyApplied(_) => {
                     stats.accepted += 1;
                     None
                 }
-                Applied::Late(rejection, ()) => Some(rejection),
+                Applied::Rejected(rejection, ()) => Some(rejection),
                 Applied::OptedOut { .. } => {
                     stats.opted_out += 1;
                     None

@@ -196,7 +196,7 @@ mod tests {
     fn at(minutes: i64, body: EventBody) -> WindowEvent {
         let event = Event {
             user_id: "u".into(),
-            event_id: format!("e{minutes}"),
+            event_id: compact_str::format_compact!("e{minutes}"),
             event_time_ms: 1_500_000_000_000 + minutes * 60_000,
             opt_out: false,
             body,
@@ -225,7 +225,7 @@ mod tests {
         let search = Search {
             query: "red shoes".into(),
             sort: "price_asc".into(),
-            category_id: String::new(),
+            category_id: Default::default(),
         };
         state.apply(at(70, EventBody::Search(search)), &spec);
         let review = Review {

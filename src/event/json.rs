@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::error::Category;
 
@@ -132,12 +133,14 @@ fn type_only(err: &serde_json::Error) -> String {
 impl Incoming<'_> {
     fn into_event(self) -> Result<Event, Rejection> {
         let owned = |v: Option<Cow<str>>| v.map(Cow::into_owned).unwrap_or_default();
+        // Ids are short: most fit a `CompactString` inline, without an allocation.
+        let id = |v: Option<Cow<str>>| v.as_deref().map(CompactString::from).unwrap_or_default();
         let body = match self.kind.as_deref() {
             None => return Err(Rejection::missing("kind")),
             Some("click") => EventBody::Click(Click {
                 action: parse_action(self.action.as_deref())?,
-                item_id: owned(self.item_id),
-                category_id: owned(self.category_id),
+                item_id: id(self.item_id),
+                category_id: id(self.category_id),
                 price: self.price,
                 discount: self.discount,
                 quantity: self.quantity,
@@ -145,10 +148,10 @@ impl Incoming<'_> {
             Some("search") => EventBody::Search(Search {
                 query: self.query.map(Cow::into_owned).ok_or(Rejection::missing("query"))?,
                 sort: owned(self.sort),
-                category_id: owned(self.category_id),
+                category_id: id(self.category_id),
             }),
             Some("review") => EventBody::Review(Review {
-                item_id: owned(self.item_id),
+                item_id: id(self.item_id),
                 rating: self.rating,
                 text: self.text.map(Cow::into_owned).ok_or(Rejection::missing("text"))?,
                 language: owned(self.language),
@@ -162,8 +165,8 @@ impl Incoming<'_> {
             }
         };
         Ok(Event {
-            user_id: owned(self.user_id),
-            event_id: owned(self.event_id),
+            user_id: id(self.user_id),
+            event_id: id(self.event_id),
             event_time_ms: self.event_time.ok_or(Rejection::missing("event_time"))?,
             opt_out: self.opt_out.unwrap_or(false),
             body,
@@ -249,7 +252,7 @@ mod tests {
             body: EventBody::Search(Search {
                 query: "red \"shoes\" 女鞋".into(),
                 sort: "price_asc".into(),
-                category_id: String::new(),
+                category_id: Default::default(),
             }),
             ..click()
         };

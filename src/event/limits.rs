@@ -6,7 +6,7 @@
 //! [`LimitsConfig`], and hands back the event or a [`Rejection`] for the dead-letter topic.
 //! The processor and the offline scorer call them in the same order, so both reject the same
 //! records. Duplicate `event_id`s need the user's window and are found by the store
-//! ([`crate::window::store::Store::is_duplicate`]).
+//! ([`crate::window::store::Store::apply`]), which also keys the user only once.
 //!
 //! Everything here is a plain function of its arguments: nothing recurses on a record or
 //! allocates in proportion to it.
@@ -57,20 +57,23 @@ pub fn check_record(
 /// bytes that skips strings. Whether the rest is valid JSON is the decoder's business.
 pub fn check_json_depth(bytes: &[u8], max_depth: usize) -> Result<(), Rejection> {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in bytes {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        at += 1;
         match byte {
-            b'"' => in_string = true,
+            b'"' => {
+                // To the closing quote, a vectorised search at a time; an escape skips the
+                // byte after it. An unterminated string ends the scan (the decoder rejects it).
+                loop {
+                    let Some(rest) = bytes.get(at..) else { return Ok(()) };
+                    let Some(found) = memchr::memchr2(b'"', b'\\', rest) else { return Ok(()) };
+                    at += found + 1;
+                    if rest[found] == b'"' {
+                        break;
+                    }
+                    at += 1;
+                }
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
@@ -129,31 +132,10 @@ pub fn check_event(
     Ok(event)
 }
 
-/// Rejects `event` as a `duplicate` when `limits.reject_duplicates` is on, the event is no
-/// privacy request, and `held` (the store's [`is_duplicate`]) finds its id in the user's
-/// window from another record.
-///
-/// [`is_duplicate`]: crate::window::store::Store::is_duplicate
-pub fn check_duplicate(
-    limits: &LimitsConfig,
-    event: &Event,
-    held: impl FnOnce(&Event) -> bool,
-) -> Result<(), Rejection> {
-    if limits.reject_duplicates && !is_privacy_request(event) && held(event) {
-        let detail = "event_id is already in the user's window";
-        return Err(Rejection::new(RejectReason::Duplicate, detail));
-    }
-    Ok(())
-}
-
-/// Opt-outs and deletions, which are never refused as duplicates.
-fn is_privacy_request(event: &Event) -> bool {
-    event.opt_out || matches!(event.body, EventBody::DeleteUser)
-}
-
 /// Ids may not hide characters: two ids that look the same must be the same id.
 fn check_visible_id(field: &str, value: &str) -> Result<(), Rejection> {
-    if value.chars().any(is_invisible) {
+    // Every invisible character is outside ASCII.
+    if !value.is_ascii() && value.chars().any(is_invisible) {
         return Err(Rejection::invalid(field, "contains invisible formatting characters"));
     }
     Ok(())
@@ -281,7 +263,7 @@ mod tests {
         event(EventBody::Search(Search {
             query: query.into(),
             sort: sort.into(),
-            category_id: String::new(),
+            category_id: Default::default(),
         }))
     }
 
@@ -324,6 +306,57 @@ mod tests {
         let in_strings = br#"{"a":"[[[[{{{{","b":"\"[[[[","c":"\\","d":[[1]]}"#;
         assert!(check_json_depth(in_strings, 3).is_ok());
         assert!(check_json_depth(in_strings, 2).is_err());
+    }
+
+    /// Whether a byte-at-a-time scan finds the nesting within `max_depth`.
+    fn reference_depth_check(bytes: &[u8], max_depth: usize) -> bool {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &byte in bytes {
+            if in_string {
+                match byte {
+                    _ if escaped => escaped = false,
+                    b'\\' => escaped = true,
+                    b'"' => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > max_depth {
+                        return false;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn the_depth_scan_agrees_with_a_byte_at_a_time_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"{}[]\"\\a:,";
+        let (mut refused, mut passed) = (0, 0);
+        for _ in 0..100_000 {
+            let len = rng.random_range(0..40);
+            let bytes: Vec<u8> =
+                (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect();
+            let max_depth = rng.random_range(0..4);
+            let expected = reference_depth_check(&bytes, max_depth);
+            let got = check_json_depth(&bytes, max_depth).is_ok();
+            assert_eq!(got, expected, "{:?} at depth {max_depth}", String::from_utf8_lossy(&bytes));
+            if expected {
+                passed += 1
+            } else {
+                refused += 1
+            }
+        }
+        assert!(refused > 10_000 && passed > 10_000, "both outcomes drawn: {refused} / {passed}");
     }
 
     #[test]

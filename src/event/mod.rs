@@ -10,6 +10,7 @@ pub mod protobuf;
 
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// Upper bound on identifier lengths (user, event, item, category ids), in bytes.
@@ -22,9 +23,9 @@ pub const MAX_QUANTITY: u32 = 10_000;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
     /// The shop's own user id. Never leaves the process: outputs carry its keyed hash.
-    pub user_id: String,
+    pub user_id: CompactString,
     /// Producer-assigned id, unique per user.
-    pub event_id: String,
+    pub event_id: CompactString,
     /// Event time, milliseconds since the Unix epoch.
     pub event_time_ms: i64,
     /// The user withdrew consent to profiling.
@@ -57,9 +58,9 @@ pub enum Action {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Click {
     pub action: Action,
-    pub item_id: String,
+    pub item_id: CompactString,
     /// Empty when the shop did not say.
-    pub category_id: String,
+    pub category_id: CompactString,
     /// Unit price, finite and non-negative.
     pub price: Option<f64>,
     /// Fraction of the list price taken off, in [0, 1).
@@ -75,12 +76,12 @@ pub struct Search {
     /// Requested sort order such as `price_asc`; empty when none.
     pub sort: String,
     /// Category filter; empty when none.
-    pub category_id: String,
+    pub category_id: CompactString,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Review {
-    pub item_id: String,
+    pub item_id: CompactString,
     /// Star rating 1..=5.
     pub rating: Option<u8>,
     /// Raw review text; scrubbed of personal data before it is rendered for the model.
@@ -203,7 +204,12 @@ fn check_optional_id(field: &'static str, value: &str) -> Result<(), Rejection> 
     if value.len() > MAX_ID_BYTES {
         return Err(Rejection::invalid(field, "longer than 256 bytes"));
     }
-    if value.chars().any(char::is_control) {
+    let control = if value.is_ascii() {
+        value.bytes().any(|b| b.is_ascii_control())
+    } else {
+        value.chars().any(char::is_control)
+    };
+    if control {
         return Err(Rejection::invalid(field, "contains control characters"));
     }
     Ok(())

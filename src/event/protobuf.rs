@@ -13,17 +13,19 @@ pub fn decode(bytes: &[u8]) -> Result<Event, Rejection> {
         None => return Err(Rejection::missing("body")),
         Some(pb::event::Body::Click(c)) => EventBody::Click(Click {
             action: action_from_wire(c.action)?,
-            item_id: c.item_id,
-            category_id: c.category_id,
+            item_id: c.item_id.into(),
+            category_id: c.category_id.into(),
             price: c.price,
             discount: c.discount,
             quantity: c.quantity,
         }),
-        Some(pb::event::Body::Search(s)) => {
-            EventBody::Search(Search { query: s.query, sort: s.sort, category_id: s.category_id })
-        }
+        Some(pb::event::Body::Search(s)) => EventBody::Search(Search {
+            query: s.query,
+            sort: s.sort,
+            category_id: s.category_id.into(),
+        }),
         Some(pb::event::Body::Review(r)) => EventBody::Review(Review {
-            item_id: r.item_id,
+            item_id: r.item_id.into(),
             rating: match r.rating {
                 None => None,
                 Some(r) => Some(
@@ -39,8 +41,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, Rejection> {
         return Err(Rejection::missing("event_time_ms"));
     }
     let event = Event {
-        user_id: wire.user_id,
-        event_id: wire.event_id,
+        user_id: wire.user_id.into(),
+        event_id: wire.event_id.into(),
         event_time_ms: wire.event_time_ms,
         opt_out: wire.opt_out,
         body,
@@ -76,8 +78,8 @@ pub fn encode(event: &Event) -> Vec<u8> {
     let body = match &event.body {
         EventBody::Click(c) => pb::event::Body::Click(pb::Click {
             action: action_to_wire(c.action) as i32,
-            item_id: c.item_id.clone(),
-            category_id: c.category_id.clone(),
+            item_id: c.item_id.to_string(),
+            category_id: c.category_id.to_string(),
             price: c.price,
             discount: c.discount,
             quantity: c.quantity,
@@ -85,10 +87,10 @@ pub fn encode(event: &Event) -> Vec<u8> {
         EventBody::Search(s) => pb::event::Body::Search(pb::Search {
             query: s.query.clone(),
             sort: s.sort.clone(),
-            category_id: s.category_id.clone(),
+            category_id: s.category_id.to_string(),
         }),
         EventBody::Review(r) => pb::event::Body::Review(pb::Review {
-            item_id: r.item_id.clone(),
+            item_id: r.item_id.to_string(),
             rating: r.rating.map(u32::from),
             text: r.text.clone(),
             language: r.language.clone(),
@@ -96,8 +98,8 @@ pub fn encode(event: &Event) -> Vec<u8> {
         EventBody::DeleteUser => pb::event::Body::DeleteUser(pb::DeleteUser {}),
     };
     pb::Event {
-        user_id: event.user_id.clone(),
-        event_id: event.event_id.clone(),
+        user_id: event.user_id.to_string(),
+        event_id: event.event_id.to_string(),
         event_time_ms: event.event_time_ms,
         opt_out: event.opt_out,
         body: Some(body),

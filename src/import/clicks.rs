@@ -27,8 +27,8 @@ fn click(
     category: &str,
 ) -> Event {
     Event {
-        user_id: user,
-        event_id: id,
+        user_id: user.into(),
+        event_id: id.into(),
         event_time_ms: time_ms,
         opt_out: false,
         body: EventBody::Click(Click {

@@ -32,8 +32,8 @@ fn review(
     language: &str,
 ) -> Event {
     Event {
-        event_id,
-        user_id: user,
+        event_id: event_id.into(),
+        user_id: user.into(),
         // Replaced by `space_in_time`; set here so that validation sees a real time.
         event_time_ms: REVIEW_EPOCH_MS,
         opt_out: false,

@@ -44,8 +44,8 @@ pub fn requests(user_ids: &[String], now_ms: i64) -> Result<Vec<Event>, DeleteEr
         .enumerate()
         .map(|(index, user_id)| {
             let event = Event {
-                user_id: user_id.clone(),
-                event_id: format!("delete-{now_ms}-{index}"),
+                user_id: user_id.as_str().into(),
+                event_id: compact_str::format_compact!("delete-{now_ms}-{index}"),
                 event_time_ms: now_ms,
                 opt_out: false,
                 body: EventBody::DeleteUser,
@@ -67,7 +67,7 @@ pub async fn send(
     let producer: FutureProducer = client.create().map_err(DeleteError::Producer)?;
     for (index, event) in events.iter().enumerate() {
         let payload = event::encode(format, event);
-        let record = FutureRecord::to(topic).key(&event.user_id).payload(&payload);
+        let record = FutureRecord::to(topic).key(event.user_id.as_str()).payload(&payload);
         producer.send(record, DELIVERY_TIMEOUT).await.map_err(|(source, _)| DeleteError::Send {
             index,
             topic: topic.to_owned(),

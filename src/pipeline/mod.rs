@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc;
 
 use crate::actions::{Actions, ActionsError, Marks};
@@ -49,7 +48,7 @@ use crate::config::DeliveryMode;
 use crate::config::LimitsConfig;
 use crate::console::{Console, WindowRequest};
 use crate::event::limits;
-use crate::event::{Event, Format, Rejection};
+use crate::event::Rejection;
 use crate::http::Health;
 use crate::lookup::LatestSignals;
 use crate::metrics as m;
@@ -58,7 +57,7 @@ use crate::model::scorer::ModelError;
 use crate::model::LoadedModel;
 use crate::offsets::{OffsetRef, OffsetTracker, Partition};
 use crate::sink::{Owner, Sink, SinkError};
-use crate::source::{self, Polled, RestoreError, Shared, Source, SourceConsumer, Topics};
+use crate::source::{self, Polled, Record, RestoreError, Shared, Source, SourceConsumer, Topics};
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
@@ -325,8 +324,8 @@ impl Processor {
                 },
                 polled = source.recv() => match polled {
                     Polled::Records(records) => {
-                        for message in &records {
-                            self.handle(message).await;
+                        for record in records.iter() {
+                            self.handle(record).await;
                         }
                     }
                     Polled::Error(err) => self.client_error(&err),
@@ -344,14 +343,15 @@ impl Processor {
     }
 
     /// One input record: decode, then window or DLQ.
-    async fn handle(&mut self, message: &OwnedMessage) {
+    async fn handle(&mut self, message: Record<'_>) {
         self.health.broker_down.store(false, Ordering::SeqCst);
         self.last_record = Instant::now();
         self.records_in += 1;
-        let Some((topic, format)) = self.topics.get(message.topic()).cloned() else {
+        let Some(input) = self.topics.get(message.topic()) else {
             tracing::warn!(topic = message.topic(), "record from a topic not subscribed");
             return;
         };
+        let (topic, format) = (input.name.clone(), input.format);
         if !self.held.contains(&message.partition()) {
             // Read before its partition was revoked; the next owner reads it again.
             return;
@@ -360,15 +360,15 @@ impl Processor {
         let offset = message.offset();
         let before = self.store.watermark(&topic, message.partition());
         self.tracker.lock().expect("offset tracker lock poisoned").open(&partition, offset, before);
-        metrics::counter!(m::RECORDS_IN, "topic" => topic.to_string()).increment(1);
+        input.records_in.increment(1);
         let token = OffsetRef { partition, offset, timestamp_ms: message.timestamp().to_millis() };
 
         let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
-        let event = match self.admit(format, message, &lineage) {
+        let event = match source::admit(&self.limits, format, message) {
             Ok(event) => event,
             Err(rejection) => return self.reject(message, rejection, token).await,
         };
-        let kind = event.kind().as_str();
+        let kind = event.kind();
         let applied = self.store.apply(event, lineage, token, Instant::now());
         let after = self.store.watermark(&topic, message.partition());
         if after != before {
@@ -377,8 +377,10 @@ impl Processor {
         }
         match applied {
             Applied::Accepted => {
-                let labels = [("topic", topic.to_string()), ("kind", kind.to_owned())];
-                metrics::counter!(m::EVENTS_ACCEPTED, &labels).increment(1);
+                let input = self.topics.get(&topic);
+                if let Some(accepted) = input.and_then(|input| input.accepted(kind)) {
+                    accepted.increment(1);
+                }
             }
             Applied::AlreadyApplied(released) => {
                 metrics::counter!(m::EVENTS_ALREADY_APPLIED, "topic" => topic.to_string())
@@ -388,7 +390,7 @@ impl Processor {
                     tracker.done(&token.partition, token.offset);
                 }
             }
-            Applied::Late(rejection, token) => self.reject(message, rejection, token).await,
+            Applied::Rejected(rejection, token) => self.reject(message, rejection, token).await,
             Applied::Deleted { user_key, partition, released, marks } => {
                 metrics::counter!(m::USERS_DELETED, "topic" => topic.to_string()).increment(1);
                 self.erase(user_key, partition, released, true, marks);
@@ -419,27 +421,10 @@ impl Processor {
         }
     }
 
-    /// Decodes a record under the input limits ([`limits`]): size and JSON nesting before it
-    /// is parsed, then the schema, the limits on the event (text, time around the record's
-    /// broker timestamp), and an `event_id` already in the user's window.
-    fn admit(
-        &self,
-        format: Format,
-        message: &OwnedMessage,
-        lineage: &Lineage,
-    ) -> Result<Event, Rejection> {
-        let limits = &self.limits;
-        limits::check_record(limits, format, message.key(), message.payload())?;
-        let event = source::decode(format, message.payload())?;
-        let event = limits::check_event(limits, event, message.timestamp().to_millis())?;
-        limits::check_duplicate(limits, &event, |e| self.store.is_duplicate(e, lineage))?;
-        Ok(event)
-    }
-
     /// Counts, logs and dead-letters a rejected record. One place for all rejections. The
     /// dead-letter record carries the original key and value, or as much of them as the
     /// producer can send (a record too large for it would otherwise stop the processor).
-    async fn reject(&mut self, message: &OwnedMessage, mut rejection: Rejection, token: OffsetRef) {
+    async fn reject(&mut self, message: Record<'_>, mut rejection: Rejection, token: OffsetRef) {
         let topic = token.partition.topic.to_string();
         let reason = rejection.reason.as_str();
         metrics::counter!(m::RECORDS_REJECTED, "topic" => topic.clone(), "reason" => reason)

@@ -22,18 +22,20 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, DeliveryMode};
-use crate::event::{self, Event, Format, RejectReason, Rejection};
+use crate::config::{Config, DeliveryMode, LimitsConfig};
+use crate::event::{self, limits, Event, EventKind, Format, RejectReason, Rejection};
 use crate::metrics as m;
 use crate::offsets::{self, OffsetTracker, Partition};
 use crate::state::Snapshot;
 
+mod batch;
 mod restore;
 
+pub use batch::{Record, RecordBatch};
 pub use restore::RestoreError;
 use restore::Restorer;
 
@@ -45,7 +47,7 @@ pub type Assignment = Arc<Mutex<BTreeSet<Partition>>>;
 pub enum Polled {
     /// Records in the order polled: those that were ready together, up to
     /// [`HANDOVER_BATCH`].
-    Records(Vec<OwnedMessage>),
+    Records(RecordBatch),
     Error(KafkaError),
     /// Partitions newly assigned, with the restored users of the partition numbers this
     /// instance did not hold before, and the group's committed positions of the partitions.
@@ -84,7 +86,7 @@ pub struct SourceContext {
     to_pipeline: mpsc::Sender<Polled>,
     /// Records polled and not yet handed over. Only the polling thread touches it (rebalance
     /// callbacks run inside its `poll`), and anything else handed over goes after them.
-    polled: Mutex<Vec<OwnedMessage>>,
+    polled: Mutex<RecordBatch>,
     /// Set once the pipeline stops reading; callbacks then only commit.
     stopping: Arc<AtomicBool>,
     restorer: Restorer,
@@ -208,15 +210,19 @@ impl SourceContext {
     }
 
     /// Keeps a polled record for the next handover; returns how many are kept.
-    fn keep(&self, message: OwnedMessage) -> usize {
+    fn keep(&self, message: &BorrowedMessage<'_>) -> usize {
         let mut polled = self.polled.lock().expect("polled records lock poisoned");
         polled.push(message);
         polled.len()
     }
 
     /// The records kept so far, in order.
-    fn take_polled(&self) -> Vec<OwnedMessage> {
-        std::mem::take(&mut *self.polled.lock().expect("polled records lock poisoned"))
+    fn take_polled(&self) -> RecordBatch {
+        let mut polled = self.polled.lock().expect("polled records lock poisoned");
+        if polled.is_empty() {
+            return RecordBatch::default();
+        }
+        std::mem::replace(&mut *polled, RecordBatch::with_capacity(HANDOVER_BATCH, BATCH_BYTES))
     }
 
     /// Hands the kept records to the pipeline from the polling thread, waiting for room;
@@ -310,6 +316,8 @@ pub type SourceConsumer = BaseConsumer<SourceContext>;
 pub const POLLED_CAPACITY: usize = 8;
 /// Most records handed over as one item.
 pub const HANDOVER_BATCH: usize = 256;
+/// Room reserved for a batch's bytes: 256 records of about 250 bytes with their topic names.
+const BATCH_BYTES: usize = 64 * 1024;
 /// Longest one poll waits, and so the longest the thread takes to notice a stop.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -339,7 +347,7 @@ impl Source {
             assignment: shared.assignment,
             restoring: shared.restoring,
             to_pipeline: sender,
-            polled: Mutex::new(Vec::with_capacity(HANDOVER_BATCH)),
+            polled: Mutex::new(RecordBatch::with_capacity(HANDOVER_BATCH, BATCH_BYTES)),
             stopping: stop.clone(),
             restorer: Restorer::new(config),
             epoch: AtomicU64::new(0),
@@ -407,7 +415,7 @@ fn poll_loop(consumer: &SourceConsumer, stop: &AtomicBool) {
             match consumer.poll(timeout) {
                 None => break,
                 Some(Ok(message)) => {
-                    if context.keep(message.detach()) >= HANDOVER_BATCH {
+                    if context.keep(&message) >= HANDOVER_BATCH {
                         break;
                     }
                 }
@@ -465,24 +473,76 @@ pub fn assignment_strategy(config: &Config) -> &'static str {
     }
 }
 
-/// Input topics by name, with their format and an interned name for lineage.
+/// Input topics by name, with their format, an interned name for lineage, and their
+/// per-record counters.
 pub struct Topics {
-    by_name: HashMap<String, (Arc<str>, Format)>,
+    by_name: HashMap<String, Input>,
+}
+
+/// One input topic.
+pub struct Input {
+    pub name: Arc<str>,
+    pub format: Format,
+    /// `records_in_total` for this topic.
+    pub records_in: metrics::Counter,
+    /// `events_accepted_total` for this topic, by windowed kind.
+    accepted: [metrics::Counter; 3],
+}
+
+impl Input {
+    /// The accepted-events counter of `kind`; `None` for a kind never windowed.
+    pub fn accepted(&self, kind: EventKind) -> Option<&metrics::Counter> {
+        match kind {
+            EventKind::Click => Some(&self.accepted[0]),
+            EventKind::Search => Some(&self.accepted[1]),
+            EventKind::Review => Some(&self.accepted[2]),
+            EventKind::DeleteUser => None,
+        }
+    }
 }
 
 impl Topics {
+    /// The configured inputs. The counters are registered here, once, rather than looked up
+    /// by name and labels for every record; so this runs after the metrics recorder is
+    /// installed.
     pub fn new(config: &Config) -> Topics {
         let by_name = config
             .inputs
             .iter()
-            .map(|i| (i.topic.clone(), (Arc::<str>::from(i.topic.as_str()), i.format)))
+            .map(|i| {
+                let topic = i.topic.clone();
+                let kind = |kind: EventKind| {
+                    let labels = [("topic", topic.clone()), ("kind", kind.as_str().to_owned())];
+                    metrics::counter!(m::EVENTS_ACCEPTED, &labels)
+                };
+                let input = Input {
+                    name: Arc::from(i.topic.as_str()),
+                    format: i.format,
+                    records_in: metrics::counter!(m::RECORDS_IN, "topic" => topic.clone()),
+                    accepted: [EventKind::Click, EventKind::Search, EventKind::Review].map(kind),
+                };
+                (topic, input)
+            })
             .collect();
         Topics { by_name }
     }
 
-    pub fn get(&self, topic: &str) -> Option<&(Arc<str>, Format)> {
+    pub fn get(&self, topic: &str) -> Option<&Input> {
         self.by_name.get(topic)
     }
+}
+
+/// Decodes a record under the input limits ([`event::limits`]): size and JSON nesting before
+/// it is parsed, then the schema and the limits on the event (text, time around the record's
+/// broker timestamp). An `event_id` already in the user's window is found by the store.
+pub fn admit(
+    limits: &LimitsConfig,
+    format: Format,
+    record: Record<'_>,
+) -> Result<Event, Rejection> {
+    limits::check_record(limits, format, record.key(), record.payload())?;
+    let event = decode(format, record.payload())?;
+    limits::check_event(limits, event, record.timestamp().to_millis())
 }
 
 /// Decodes a record's payload. An absent payload (a tombstone) is malformed input.

@@ -204,7 +204,7 @@ mod tests {
         assert!(path.is_file(), "no sample data at {}: run scripts/sample-data.sh", path.display());
         let mut by_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
         for event in import::events(source, &path).unwrap() {
-            by_user.entry(event.user_id.clone()).or_default().push(event);
+            by_user.entry(event.user_id.to_string()).or_default().push(event);
         }
         let spec = crate::train::build::state_spec();
         let tokenizer = crate::model::load_tokenizer(dir, card).unwrap();

@@ -20,6 +20,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState as FastHash;
+
 use crate::actions::Marks;
 use crate::config::DeliveryMode;
 use crate::console::TimelineEvent;
@@ -48,6 +50,9 @@ pub struct StoreConfig {
     /// at-least-once (the state's signal may not have been delivered); not exactly-once,
     /// where a restored state and its signal were committed in the same transaction.
     pub rescore_restored: bool,
+    /// Reject an event whose `event_id` is already in the user's window from another record
+    /// (`limits.reject_duplicates`).
+    pub reject_duplicates: bool,
 }
 
 impl StoreConfig {
@@ -92,6 +97,7 @@ impl StoreConfig {
             },
             changelog: true,
             rescore_restored: config.delivery.mode == DeliveryMode::AtLeastOnce,
+            reject_duplicates: config.limits.reject_duplicates,
         }
     }
 }
@@ -125,8 +131,10 @@ pub enum Applied<T> {
     /// `rescore_restored` the user is scored again and the token held until that record is
     /// delivered (`None`); otherwise the token comes back for the caller to release.
     AlreadyApplied(Option<T>),
-    /// Behind the watermark: the caller dead-letters the record and releases the token.
-    Late(Rejection, T),
+    /// Behind the watermark (`late`), or an `event_id` the user's window already holds from
+    /// another record (`duplicate`): the caller dead-letters the record and releases the
+    /// token.
+    Rejected(Rejection, T),
     /// The user opted out: state dropped; the caller writes a tombstone for `user_key` and
     /// releases these tokens (this event's included) when it is delivered.
     OptedOut { user_key: String, partition: i32, released: Vec<T>, marks: Option<Box<Marks>> },
@@ -158,6 +166,16 @@ struct Tracked<T> {
 }
 
 impl<T> Tracked<T> {
+    /// Whether the window holds an event with this `event_id` from another record: a
+    /// duplicate. A record read again after a restore is not one (its lineage is the held
+    /// event's). Ids that have left the window are not remembered.
+    fn holds_from_another_record(&self, event_id: &str, lineage: &Lineage) -> bool {
+        self.state
+            .events()
+            .iter()
+            .any(|held| &*held.event_id == event_id && held.lineage != *lineage)
+    }
+
     fn already_applied(&self, lineage: &Lineage) -> bool {
         self.applied_through
             .iter()
@@ -188,10 +206,11 @@ impl<T> Tracked<T> {
 pub struct Store<T> {
     config: StoreConfig,
     pseudonymizer: Arc<Pseudonymizer>,
-    /// Users by pseudonymised key.
-    users: HashMap<String, Tracked<T>>,
+    /// Users by pseudonymised key. The keys are keyed HMAC outputs, which nobody can choose
+    /// to collide, so the map uses a fast hash instead of the standard library's SipHash.
+    users: HashMap<String, Box<Tracked<T>>, FastHash>,
     /// Newest event time seen per source partition.
-    newest: HashMap<(Arc<str>, i32), i64>,
+    newest: HashMap<(Arc<str>, i32), i64, FastHash>,
     /// Assignment epoch per input partition number (0 where never restored).
     epochs: HashMap<i32, u64>,
     /// Number of the next scoring request.
@@ -206,8 +225,8 @@ impl<T> Store<T> {
         Store {
             config,
             pseudonymizer,
-            users: HashMap::new(),
-            newest: HashMap::new(),
+            users: HashMap::default(),
+            newest: HashMap::default(),
             epochs: HashMap::new(),
             next_sequence: 0,
             due: VecDeque::new(),
@@ -216,18 +235,6 @@ impl<T> Store<T> {
 
     pub fn config(&self) -> &StoreConfig {
         &self.config
-    }
-
-    /// Whether the user's window already holds an event with this `event_id` that came from
-    /// another record: a duplicate, to be rejected. A record read again after a restore is
-    /// not one (its lineage is the held event's). Ids that have left the window are not
-    /// remembered.
-    pub fn is_duplicate(&self, event: &Event, lineage: &Lineage) -> bool {
-        let Some(tracked) = self.users.get(&self.pseudonymizer.key(&event.user_id)) else {
-            return false;
-        };
-        let id = event.event_id.as_str();
-        tracked.state.events().iter().any(|held| held.event_id == id && held.lineage != *lineage)
     }
 
     /// Takes the next request sequence number for an entry that is published in request
@@ -254,6 +261,14 @@ impl<T> Store<T> {
                 Applied::Deleted { user_key, partition, released, marks }
             };
         }
+        let user_key = self.pseudonymizer.key(&event.user_id);
+        if self.config.reject_duplicates {
+            let held = self.users.get(&user_key);
+            if held.is_some_and(|t| t.holds_from_another_record(&event.event_id, &lineage)) {
+                let detail = "event_id is already in the user's window";
+                return Applied::Rejected(Rejection::new(RejectReason::Duplicate, detail), token);
+            }
+        }
         let source = (lineage.topic.clone(), lineage.partition);
         let newest = self.newest.entry(source).or_insert(i64::MIN);
         if *newest != i64::MIN && event.event_time_ms < *newest - self.config.allowed_lateness_ms {
@@ -261,11 +276,10 @@ impl<T> Store<T> {
                 (*newest - event.event_time_ms).unsigned_abs(),
             ));
             let detail = format!("event time is {behind} behind the partition's newest event");
-            return Applied::Late(Rejection::new(RejectReason::Late, detail), token);
+            return Applied::Rejected(Rejection::new(RejectReason::Late, detail), token);
         }
         *newest = (*newest).max(event.event_time_ms);
 
-        let user_key = self.pseudonymizer.key(&event.user_id);
         let Some(stored) =
             WindowEvent::from_event(&event, lineage.clone(), &self.config.state.window)
         else {
@@ -300,7 +314,7 @@ impl<T> Store<T> {
                     pending: vec![token],
                     marks: None,
                 };
-                self.users.insert(user_key.clone(), tracked);
+                self.users.insert(user_key.clone(), Box::new(tracked));
                 self.due.push_back((now, user_key));
                 Applied::Accepted
             }
@@ -393,7 +407,7 @@ impl<T> Store<T> {
                 pending: Vec::new(),
                 marks: snapshot.marks.boxed(),
             };
-            self.users.insert(user_key, tracked);
+            self.users.insert(user_key, Box::new(tracked));
             restored += 1;
         }
         restored

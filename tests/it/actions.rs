@@ -603,8 +603,8 @@ impl Script {
         // Ids that do not repeat the user id, which outputs must not carry.
         let event_id = format!("ev-{}", self.times.len() + 1);
         let event = Event {
-            user_id: user.to_owned(),
-            event_id: event_id.clone(),
+            user_id: user.into(),
+            event_id: event_id.as_str().into(),
             event_time_ms: T0 + at,
             opt_out: false,
             body,
@@ -625,8 +625,8 @@ impl Script {
     ) -> String {
         let click = Click {
             action,
-            item_id: item.to_owned(),
-            category_id: category.to_owned(),
+            item_id: item.into(),
+            category_id: category.into(),
             price,
             discount: None,
             quantity: None,
@@ -636,7 +636,7 @@ impl Script {
 
     fn review(&mut self, user: &str, at: i64, item: &str, text: &str) -> String {
         let review = Review {
-            item_id: item.to_owned(),
+            item_id: item.into(),
             rating: None,
             text: text.to_owned(),
             language: "zh".into(),
@@ -648,7 +648,7 @@ impl Script {
     fn newest(&self, phase: &[Event]) -> BTreeMap<String, i64> {
         let mut newest = BTreeMap::new();
         for event in phase {
-            let time = newest.entry(event.user_id.clone()).or_insert(i64::MIN);
+            let time = newest.entry(event.user_id.to_string()).or_insert(i64::MIN);
             *time = (*time).max(event.event_time_ms);
         }
         newest

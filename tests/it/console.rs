@@ -106,7 +106,7 @@ fn write_input(path: &Path) -> Replayed {
         .expect("read the CDNOW sample");
     let mut by_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
     for event in events {
-        by_user.entry(event.user_id.clone()).or_default().push(event);
+        by_user.entry(event.user_id.to_string()).or_default().push(event);
     }
     let mut by_user: BTreeMap<String, Vec<Event>> = by_user.into_iter().take(CUSTOMERS).collect();
     let reviews = import::reviews_zh(&data.join("reviews-zh")).expect("read the review sample");
@@ -121,7 +121,7 @@ fn write_input(path: &Path) -> Replayed {
         let orders = by_user.get_mut(user).expect("a reviewer is a buyer");
         let last = orders.iter().map(|e| e.event_time_ms).max().unwrap_or_default();
         let mut review = review.event;
-        review.user_id = user.clone();
+        review.user_id = user.as_str().into();
         review.event_time_ms = last + 3_600_000;
         if let EventBody::Review(body) = &mut review.body {
             body.item_id = "order".into();

@@ -621,7 +621,8 @@ fn input_events() -> Vec<Event> {
         .filter(|(_, count)| *count >= MIN_EVENTS_PER_USER)
         .map(|(user, _)| user.to_owned())
         .collect();
-    let mut events: Vec<Event> = events.into_iter().filter(|e| kept.contains(&e.user_id)).collect();
+    let mut events: Vec<Event> =
+        events.into_iter().filter(|e| kept.contains(e.user_id.as_str())).collect();
     events.sort_by_key(|e| e.event_time_ms);
     events.truncate(MAX_EVENTS);
     events

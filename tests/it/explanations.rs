@@ -34,7 +34,7 @@ fn users_with_history() -> BTreeMap<String, Vec<Event>> {
     let events = import::events(Source::Cdnow, &path).expect("import CDNOW");
     let mut by_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
     for event in events {
-        by_user.entry(event.user_id.clone()).or_default().push(event);
+        by_user.entry(event.user_id.to_string()).or_default().push(event);
     }
     by_user.retain(|_, events| (MIN_EVENTS..=12).contains(&events.len()));
     by_user.into_iter().take(USERS).collect()

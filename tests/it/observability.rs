@@ -183,7 +183,7 @@ fn write_input(path: &Path) -> BTreeSet<String> {
         import::events(import::Source::Cdnow, &data.join("purchases/cdnow-master.txt"))
             .expect("read the CDNOW sample");
     events.truncate(EVENTS);
-    let users = events.iter().map(|e| e.user_id.clone()).collect();
+    let users = events.iter().map(|e| e.user_id.to_string()).collect();
     let mut lines: Vec<Vec<u8>> = events.iter().map(|e| event::encode(Format::Json, e)).collect();
     for (i, (bad, _)) in BAD_LINES.iter().enumerate() {
         lines.insert(50 + i * 400, bad.as_bytes().to_vec());

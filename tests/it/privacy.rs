@@ -59,7 +59,7 @@ fn planted_personal_data_never_leaves_except_in_dlq_originals() {
         .collect();
     reviews.truncate(240);
     reviews.sort_by_key(|e| e.event_time_ms);
-    let raw_ids: BTreeSet<String> = reviews.iter().map(|e| e.user_id.clone()).collect();
+    let raw_ids: BTreeSet<String> = reviews.iter().map(|e| e.user_id.to_string()).collect();
     for (i, review) in reviews.iter_mut().enumerate() {
         if let EventBody::Review(r) = &mut review.body {
             let secret = &pii[i % pii.len()];
@@ -241,12 +241,12 @@ fn delete_user_and_opt_out_through_the_broker() {
 fn click(user: &str, i: usize, time_ms: i64) -> Event {
     Event {
         user_id: user.into(),
-        event_id: format!("{user}-{i}"),
+        event_id: compact_str::format_compact!("{user}-{i}"),
         event_time_ms: time_ms,
         opt_out: false,
         body: EventBody::Click(Click {
             action: if i % 3 == 2 { Action::Cart } else { Action::View },
-            item_id: format!("item-{}", 100 + i),
+            item_id: compact_str::format_compact!("item-{}", 100 + i),
             category_id: "cat-7".into(),
             price: Some(19.5 + i as f64),
             discount: None,

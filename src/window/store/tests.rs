@@ -18,6 +18,7 @@ fn store(coalesce_ms: u64) -> Store<i64> {
         interest_feed: InterestFeed { top_categories: 3, top_items: 3, half_life_ms: 86_400_000 },
         changelog: true,
         rescore_restored: true,
+        reject_duplicates: true,
     };
     let key = Arc::new(Pseudonymizer::new(b"0123456789abcdef").unwrap());
     Store::new(config, key)
@@ -26,7 +27,7 @@ fn store(coalesce_ms: u64) -> Store<i64> {
 fn event(user: &str, time_ms: i64) -> Event {
     Event {
         user_id: user.into(),
-        event_id: format!("{user}-{time_ms}"),
+        event_id: compact_str::format_compact!("{user}-{time_ms}"),
         event_time_ms: time_ms,
         opt_out: false,
         body: EventBody::Click(Click {
@@ -87,7 +88,7 @@ fn late_events_are_rejected_per_partition() {
     let now = Instant::now();
     store.apply(event("a", 10_000_000), lineage(0, 0), 0, now);
     match store.apply(event("b", 10_000_000 - 61_000), lineage(0, 1), 1, now) {
-        Applied::Late(rejection, token) => {
+        Applied::Rejected(rejection, token) => {
             assert_eq!(rejection.reason, RejectReason::Late);
             assert_eq!(token, 1);
         }
@@ -254,12 +255,33 @@ fn a_second_record_with_a_held_event_id_is_a_duplicate() {
     let mut store = store(0);
     let now = Instant::now();
     let first = event("u", 1_000);
-    assert!(!store.is_duplicate(&first, &lineage(0, 0)));
+    assert!(matches!(store.apply(first.clone(), lineage(0, 0), 0, now), Applied::Accepted));
+    match store.apply(first.clone(), lineage(0, 1), 1, now) {
+        Applied::Rejected(rejection, token) => {
+            assert_eq!(rejection.reason, RejectReason::Duplicate);
+            assert_eq!(token, 1);
+        }
+        _ => panic!("another record with the same id is a duplicate"),
+    }
+    let again = store.apply(first.clone(), lineage(0, 0), 2, now);
+    assert!(matches!(again, Applied::AlreadyApplied(_)), "the same record read again");
+    let other_user = Event { user_id: "v".into(), ..first.clone() };
+    let other = store.apply(other_user, lineage(0, 2), 3, now);
+    assert!(matches!(other, Applied::Accepted), "ids are per user");
+    let quit = Event { opt_out: true, ..first };
+    let quit = store.apply(quit, lineage(0, 3), 4, now);
+    assert!(matches!(quit, Applied::OptedOut { .. }), "a privacy request is never a duplicate");
+}
+
+#[test]
+fn duplicates_are_windowed_when_not_rejected() {
+    let mut store = store(0);
+    store.config.reject_duplicates = false;
+    let now = Instant::now();
+    let first = event("u", 1_000);
     store.apply(first.clone(), lineage(0, 0), 0, now);
-    assert!(store.is_duplicate(&first, &lineage(0, 1)), "another record, same id");
-    assert!(!store.is_duplicate(&first, &lineage(0, 0)), "the same record read again");
-    let other_user = Event { user_id: "v".into(), ..first };
-    assert!(!store.is_duplicate(&other_user, &lineage(0, 2)), "ids are per user");
+    assert!(matches!(store.apply(first, lineage(0, 1), 1, now), Applied::Accepted));
+    assert_eq!(store.state("u").map(|s| s.events().len()), Some(2));
 }
 
 #[test]
