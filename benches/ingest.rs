@@ -1,32 +1,36 @@
 //! Ingest: events per second read, decoded and applied to windows (no inference), against a
 //! raw consumer that only reads the same topic from the same broker.
 //!
-//! Starts a Tansu broker from `.tools/bin` on a free loopback port, writes the real Taobao slice
-//! into a JSON topic of four partitions keyed by user, then reads it back to its end with fresh
-//! consumer groups, alternately: the raw side polls and counts; the other is laid out as the
-//! processor is (a polling thread handing over the records that were ready together, up to
-//! 256 at a time, over a bounded channel) and decodes each record with the processor's decoder
-//! and applies it to a real `Store` (watermarks, windows, interests, coalescing bookkeeping).
-//! Both sides set `fetch.queue.backoff.ms` as the processor does. Each side is timed three
-//! times and the median kept. The slice is written five times, each copy with its own user ids
-//! and shifted ten days later (the slice spans nine), so both sides read 551,500 records. Where the time goes is shown by timing the stages
-//! of the windowed side on the same payloads in memory. `cargo bench --bench ingest`.
+//! Starts a Tansu broker from `.tools/bin` on a free loopback port, writes the real Taobao
+//! slice into a JSON topic of four partitions keyed by user, then reads it back to its end with
+//! fresh consumer groups, alternately. The raw side polls and counts. The other is laid out as
+//! the processor is: a polling thread copies the records that were ready together, up to 256,
+//! into one batch and hands it over a bounded channel; another thread admits each record with
+//! the processor's checks (input limits, decoding) and applies it to a real `Store`
+//! (pseudonymisation, duplicates, watermarks, windows, interests, coalescing bookkeeping).
+//! Metrics, offset tracking and the dead-letter topic are left out. Both sides set
+//! `fetch.queue.backoff.ms` as the processor does. Each side is timed three times and the
+//! median kept, with the CPU time of the process and of its threads. The slice is written five
+//! times, each copy with its own user ids and shifted ten days later (the slice spans nine), so
+//! both sides read 551,500 records. Where the time goes is shown by timing the stages of the
+//! windowed side on the same payloads in memory. `cargo bench --bench ingest`.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mindstream::config::LimitsConfig;
+use mindstream::event::limits::{check_event, check_record};
 use mindstream::event::Format;
-use mindstream::offsets::Partition;
 use mindstream::privacy::Pseudonymizer;
+use mindstream::source::RecordBatch;
 use mindstream::window::Lineage;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
-use common::{median, Broker};
+use common::Broker;
 use mindstream::source::POLLED_CAPACITY;
 
 #[global_allocator]
@@ -53,28 +57,43 @@ fn main() {
     let (mut raw_broker_cpu, mut windowed_broker_cpu) = (0.0, 0.0);
     for round in 0..repeats {
         let before = broker.cpu_seconds();
-        raw.push(read(&broker.address, total, &format!("raw-{round}"), false));
+        raw.push(read(&broker.address, total, &format!("raw-{round}"), Side::Raw));
         let middle = broker.cpu_seconds();
-        windowed.push(read(&broker.address, total, &format!("window-{round}"), true));
+        windowed.push(read(&broker.address, total, &format!("window-{round}"), Side::Windowed));
         raw_broker_cpu += middle - before;
         windowed_broker_cpu += broker.cpu_seconds() - middle;
     }
-    let (raw, windowed) = (median(raw), median(windowed));
+    let (raw, windowed) = (median_read(raw), median_read(windowed));
     let rate = |d: Duration| total as f64 / d.as_secs_f64();
     println!("| measure | value |");
     println!("|---|---|");
     println!("| records | {total} (Taobao slice x {copies}, JSON, 4 partitions) |");
-    println!("| raw consumer | {:.0} records/s ({:.2} s) |", rate(raw), raw.as_secs_f64());
+    println!(
+        "| raw consumer | {:.0} records/s ({:.2} s) |",
+        rate(raw.wall),
+        raw.wall.as_secs_f64()
+    );
     println!(
         "| read + decode + window | {:.0} events/s ({:.2} s) |",
-        rate(windowed),
-        windowed.as_secs_f64()
+        rate(windowed.wall),
+        windowed.wall.as_secs_f64()
     );
-    println!("| ratio, windowed / raw | {:.3} |", raw.as_secs_f64() / windowed.as_secs_f64());
+    println!(
+        "| ratio, windowed / raw | {:.3} |",
+        raw.wall.as_secs_f64() / windowed.wall.as_secs_f64()
+    );
     println!(
         "| broker CPU per read (group join included), raw / windowed | {:.2} s / {:.2} s |",
         raw_broker_cpu / repeats as f64,
         windowed_broker_cpu / repeats as f64
+    );
+    println!(
+        "| consumer process CPU in the median read (all threads), raw / windowed | {:.2} s / {:.2} s |",
+        raw.process_cpu, windowed.process_cpu
+    );
+    println!(
+        "| of which the poll thread / the windowing thread, windowed | {:.2} s / {:.2} s |",
+        windowed.poll_cpu, windowed.window_cpu
     );
     stages(&events);
 }
@@ -83,9 +102,14 @@ fn main() {
 fn stages(payloads: &[Vec<u8>]) {
     let per_event = |elapsed: Duration| elapsed.as_nanos() as f64 / payloads.len() as f64;
     let started = Instant::now();
+    let limits = LimitsConfig::default();
     let decoded: Vec<_> = payloads
         .iter()
-        .map(|p| mindstream::source::decode(Format::Json, Some(p)).expect("decodes"))
+        .map(|p| {
+            check_record(&limits, Format::Json, None, Some(p)).expect("within the limits");
+            let event = mindstream::source::decode(Format::Json, Some(p)).expect("decodes");
+            check_event(&limits, event, None).expect("within the limits")
+        })
         .collect();
     let decode = per_event(started.elapsed());
     let key = Pseudonymizer::new(b"bench-secret-0123456789").expect("key");
@@ -105,9 +129,9 @@ fn stages(payloads: &[Vec<u8>]) {
     println!();
     println!("| stage, in memory | ns per event |");
     println!("|---|---|");
-    println!("| JSON decode and validation | {decode:.0} |");
+    println!("| input limits, JSON decode and validation | {decode:.0} |");
     println!("| pseudonymisation alone (HMAC-SHA-256 of the user id) | {pseudonymise:.0} |");
-    println!("| `Store::apply` (pseudonymisation, window, interests) | {apply:.0} |");
+    println!("| `Store::apply` (pseudonymisation, duplicates, window, interests) | {apply:.0} |");
 }
 
 fn taobao_payloads(copies: i64) -> Vec<Vec<u8>> {
@@ -116,7 +140,7 @@ fn taobao_payloads(copies: i64) -> Vec<Vec<u8>> {
     for copy in 0..copies {
         for event in &events {
             let mut event = event.clone();
-            event.user_id = format!("{}#{copy}", event.user_id);
+            event.user_id = compact_str::format_compact!("{}#{copy}", event.user_id);
             event.event_time_ms += copy * COPY_SHIFT_MS;
             payloads.push(mindstream::event::encode(Format::Json, &event));
         }
@@ -149,11 +173,34 @@ fn produce(address: &str, events: &[Vec<u8>]) {
     eprintln!("produced {} records in {:.1} s", events.len(), admin_wait.elapsed().as_secs_f64());
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// Polls and counts.
+    Raw,
+    /// Laid out as the processor is.
+    Windowed,
+}
+
+/// One read of the topic: wall time from the first record, and CPU seconds spent meanwhile.
+struct Read {
+    wall: Duration,
+    /// Every thread of this process (the consumer's librdkafka threads included).
+    process_cpu: f64,
+    poll_cpu: f64,
+    window_cpu: f64,
+}
+
+fn median_read(mut reads: Vec<Read>) -> Read {
+    reads.sort_by_key(|r| r.wall);
+    let middle = reads.len() / 2;
+    reads.swap_remove(middle)
+}
+
 /// Reads the topic to `total` records with a fresh group. The raw side polls and counts. The
 /// windowed side is laid out as the processor is: a thread polls and hands the records over a
 /// bounded channel in batches of those that were ready together, and another decodes each
 /// record and applies it to a store.
-fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
+fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", address)
         .set("group.id", group)
@@ -165,57 +212,97 @@ fn read(address: &str, total: usize, group: &str, window: bool) -> Duration {
         .create()
         .expect("consumer");
     consumer.subscribe(&[TOPIC]).expect("subscribe");
-    if !window {
+    if side == Side::Raw {
         let mut seen = 0;
         let mut started = None;
         while seen < total {
             let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
             message.expect("record");
             // The clock starts at the first record, so the group join is not counted.
-            started.get_or_insert_with(Instant::now);
+            started.get_or_insert_with(|| (thread_cpu(), process_cpu(), Instant::now()));
             seen += 1;
         }
-        return started.map_or(Duration::ZERO, |s| s.elapsed());
+        let (poll_cpu, process, started) = started.expect("a first record");
+        return Read {
+            wall: started.elapsed(),
+            process_cpu: process_cpu() - process,
+            poll_cpu: thread_cpu() - poll_cpu,
+            window_cpu: 0.0,
+        };
     }
 
     let batch = mindstream::source::HANDOVER_BATCH;
-    let (sender, records) = std::sync::mpsc::sync_channel::<Vec<OwnedMessage>>(POLLED_CAPACITY);
-    let (first_tx, first_rx) = std::sync::mpsc::channel::<Instant>();
+    let (sender, records) = std::sync::mpsc::sync_channel::<RecordBatch>(POLLED_CAPACITY);
+    let (first_tx, first_rx) = std::sync::mpsc::channel::<(Instant, f64)>();
+    // Shared, so that the consumer's threads still run when the CPU time is read.
+    let consumer = Arc::new(consumer);
+    let polling = consumer.clone();
     let poller = std::thread::spawn(move || {
+        let consumer = polling;
         let mut seen = 0;
+        let mut cpu = 0.0;
         while seen < total {
             let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
             if seen == 0 {
-                let _ = first_tx.send(Instant::now());
+                cpu = thread_cpu();
+                let process = process_cpu();
+                let _ = first_tx.send((Instant::now(), process));
             }
             seen += 1;
-            let mut polled = vec![message.expect("record").detach()];
+            let mut polled = RecordBatch::with_capacity(batch, 64 * 1024);
+            polled.push(&message.expect("record"));
             while polled.len() < batch && seen < total {
                 let Some(message) = consumer.poll(Duration::ZERO) else { break };
                 seen += 1;
-                polled.push(message.expect("record").detach());
+                polled.push(&message.expect("record"));
             }
             if sender.send(polled).is_err() {
-                return;
+                break;
             }
         }
+        thread_cpu() - cpu
     });
     let mut store = common::processor_store();
+    let limits = LimitsConfig::default();
     let topic: Arc<str> = TOPIC.into();
     let now = Instant::now();
-    for message in records.iter().flatten() {
-        let partition = Partition { topic: topic.clone(), partition: message.partition() };
-        let lineage = Lineage {
-            topic: partition.topic.clone(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
-        if let Ok(event) = mindstream::source::decode(Format::Json, message.payload()) {
-            let _ = store.apply(event, lineage, (), now);
+    let mut window_cpu = None;
+    for polled in records.iter() {
+        window_cpu.get_or_insert_with(thread_cpu);
+        for record in polled.iter() {
+            let lineage = Lineage {
+                topic: topic.clone(),
+                partition: record.partition(),
+                offset: record.offset(),
+            };
+            if let Ok(event) = mindstream::source::admit(&limits, Format::Json, record) {
+                let _ = store.apply(event, lineage, (), now);
+            }
         }
     }
     let ended = Instant::now();
-    poller.join().expect("poll thread");
-    let started = first_rx.recv().expect("a first record");
-    ended - started
+    let window_cpu = thread_cpu() - window_cpu.unwrap_or(0.0);
+    let (started, process) = first_rx.recv().expect("a first record");
+    let poll_cpu = poller.join().expect("poll thread");
+    let process_cpu = process_cpu() - process;
+    drop(consumer);
+    Read { wall: ended - started, process_cpu, poll_cpu, window_cpu }
+}
+
+/// CPU seconds this thread has run (`/proc/thread-self/schedstat`, in nanoseconds).
+fn thread_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    stat.split_whitespace().next().and_then(|n| n.parse::<f64>().ok()).unwrap_or(0.0) / 1e9
+}
+
+/// CPU seconds this process has run, exited threads included (`/proc/self/stat`, in clock
+/// ticks of 1/100 s).
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // After the command name, which ends with the last `)`, utime and stime are the 12th and
+    // 13th fields.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
