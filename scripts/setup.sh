@@ -19,6 +19,13 @@ mkdir -p "$tools/bin" "$tools/wheels"
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
+# A cold `make test` writes about 12 GiB (the debug build, the fuzz build and .tools); say so
+# before the compiler runs out of room half-way.
+free_kib=$(df -Pk "$root" | awk 'NR == 2 { print $4 }')
+if [ -n "$free_kib" ] && [ "$free_kib" -lt $((15 * 1024 * 1024)) ]; then
+  log "warning: $((free_kib / 1024 / 1024)) GiB free on the disk of $root; a cold build and test run writes about 12 GiB"
+fi
+
 # ONNX Runtime: the wheel carries libonnxruntime.so.<version> and no unversioned name.
 ort_lib="$tools/onnxruntime/libonnxruntime.so.$ort_version"
 if [ ! -f "$ort_lib" ]; then
