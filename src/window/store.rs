@@ -166,14 +166,20 @@ struct Tracked<T> {
 }
 
 impl<T> Tracked<T> {
-    /// Whether the window holds an event with this `event_id` from another record: a
-    /// duplicate. A record read again after a restore is not one (its lineage is the held
-    /// event's). Ids that have left the window are not remembered.
+    /// Whether the window holds an event with this `event_id` from an earlier record: a
+    /// duplicate. A record read again after a restore is not one: either its own event is the
+    /// one held (same lineage), or the id is held from a later offset of the same partition,
+    /// which the record preceded when it was first read. Ids that have left the window are
+    /// not remembered.
     fn holds_from_another_record(&self, event_id: &str, lineage: &Lineage) -> bool {
-        self.state
-            .events()
-            .iter()
-            .any(|held| &*held.event_id == event_id && held.lineage != *lineage)
+        let preceded = |held: &Lineage| {
+            held.partition == lineage.partition
+                && held.offset > lineage.offset
+                && held.topic == lineage.topic
+        };
+        self.state.events().iter().any(|held| {
+            &*held.event_id == event_id && held.lineage != *lineage && !preceded(&held.lineage)
+        })
     }
 
     fn already_applied(&self, lineage: &Lineage) -> bool {

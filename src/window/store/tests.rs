@@ -217,6 +217,36 @@ fn records_read_again_after_a_restore_are_scored_but_not_applied_twice() {
     assert_eq!(second.state("u").unwrap().applied(), snapshot.state.applied() + 1);
 }
 
+/// An event id used again after an opt-out dropped the user's state, then the partition read
+/// again from its start by an owner that restored the newer state: the first record was
+/// applied when it was first read, so it is already applied, not a duplicate of its successor.
+#[test]
+fn a_record_read_again_is_not_a_duplicate_of_a_later_record_with_its_id() {
+    let mut first = store(0);
+    let now = Instant::now();
+    let original = event("u", 1_000);
+    assert!(matches!(first.apply(original.clone(), lineage(0, 5), 5, now), Applied::Accepted));
+    let quit = Event { opt_out: true, event_id: "quit".into(), ..original.clone() };
+    assert!(matches!(first.apply(quit, lineage(0, 50), 50, now), Applied::OptedOut { .. }));
+    let again = Event { event_time_ms: 1_001, ..original.clone() };
+    assert!(matches!(first.apply(again.clone(), lineage(0, 53), 53, now), Applied::Accepted));
+    let (due, _) = first.take_due(now, 10);
+    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+
+    let mut second = store(0);
+    let key = second.pseudonymizer.key("u");
+    second.restore(0, 2, [(key, snapshot)]);
+    assert!(matches!(
+        second.apply(original.clone(), lineage(0, 5), 5, now),
+        Applied::AlreadyApplied(_)
+    ));
+    // A record after the held one with the same id is still a duplicate.
+    match second.apply(again, lineage(0, 60), 60, now) {
+        Applied::Rejected(rejection, 60) => assert_eq!(rejection.reason, RejectReason::Duplicate),
+        _ => panic!("a later record with a held id is a duplicate"),
+    }
+}
+
 #[test]
 fn revoking_a_partition_drops_only_its_users() {
     let mut store = store(1_000);
