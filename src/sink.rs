@@ -202,10 +202,10 @@ impl Sink {
         let mut records = Vec::with_capacity(2 + derived.len());
         if let Some(state) = &changelog {
             let to = Target::Partition(self.changelog_topic.clone(), owner.partition);
-            records.push(Outgoing { to, key, payload: state, headers: None });
+            records.push(Outgoing { to, key: Some(key), payload: Some(state), headers: None });
         }
         let to = Target::Keyed(self.signals_topic.clone());
-        records.push(Outgoing { to, key, payload: &payload, headers: None });
+        records.push(Outgoing { to, key: Some(key), payload: Some(&payload), headers: None });
         records.extend(derived.iter().map(outgoing));
         let kinds: Vec<ActionKind> = derived.iter().map(|d| d.kind.clone()).collect();
         self.send(records, Some(owner), covers, move || {
@@ -231,10 +231,11 @@ impl Sink {
     ) {
         let key = user_key.as_bytes();
         let changelog = Target::Partition(self.changelog_topic.clone(), owner.partition);
-        let mut records = vec![Outgoing { to: changelog, key, payload: &[], headers: None }];
+        let key = Some(key);
+        let mut records = vec![Outgoing { to: changelog, key, payload: None, headers: None }];
         if signals_too {
             let signals = Target::Keyed(self.signals_topic.clone());
-            records.push(Outgoing { to: signals, key, payload: &[], headers: None });
+            records.push(Outgoing { to: signals, key, payload: None, headers: None });
         }
         records.extend(derived.iter().map(outgoing));
         self.send(records, Some(owner), covers, || {}).await;
@@ -244,7 +245,7 @@ impl Sink {
     pub async fn dead_letter(
         &self,
         key: Option<&[u8]>,
-        payload: &[u8],
+        payload: Option<&[u8]>,
         rejection: &Rejection,
         token: OffsetRef,
     ) {
@@ -257,7 +258,6 @@ impl Sink {
             .insert(Header { key: dlq_headers::PARTITION, value: Some(partition.as_str()) })
             .insert(Header { key: dlq_headers::OFFSET, value: Some(offset.as_str()) });
         let to = Target::Keyed(self.dlq_topic.clone());
-        let key = key.unwrap_or_default();
         let record = Outgoing { to, key, payload, headers: Some(headers) };
         self.send(vec![record], None, vec![token], || {}).await;
     }
@@ -346,9 +346,12 @@ impl Sink {
         outgoing: Outgoing<'_>,
         owner: Option<Owner>,
     ) -> Result<Option<rdkafka::producer::DeliveryFuture>, KafkaError> {
-        let mut record = FutureRecord::<[u8], [u8]>::to(outgoing.to.topic()).key(outgoing.key);
-        if !outgoing.payload.is_empty() {
-            record = record.payload(outgoing.payload);
+        let mut record = FutureRecord::<[u8], [u8]>::to(outgoing.to.topic());
+        if let Some(key) = outgoing.key {
+            record = record.key(key);
+        }
+        if let Some(payload) = outgoing.payload {
+            record = record.payload(payload);
         }
         if let Target::Partition(_, partition) = &outgoing.to {
             record = record.partition(*partition);
@@ -485,7 +488,9 @@ impl Target {
 
 fn outgoing(record: &ActionRecord) -> Outgoing<'_> {
     let to = Target::Keyed(record.topic.clone());
-    Outgoing { to, key: &record.key, payload: &record.payload, headers: None }
+    // An action record with an empty payload is a tombstone.
+    let payload = (!record.payload.is_empty()).then_some(&record.payload[..]);
+    Outgoing { to, key: Some(&record.key), payload, headers: None }
 }
 
 /// Counts delivered segment changes and alerts.
@@ -510,9 +515,10 @@ fn count_actions(kinds: Vec<ActionKind>) {
 
 struct Outgoing<'a> {
     to: Target,
-    key: &'a [u8],
-    /// Empty for a tombstone.
-    payload: &'a [u8],
+    /// `None` for a record without a key (a dead letter of a record that had none).
+    key: Option<&'a [u8]>,
+    /// `None` for a tombstone. A dead letter keeps its original's absent or empty value.
+    payload: Option<&'a [u8]>,
     headers: Option<OwnedHeaders>,
 }
 

@@ -92,10 +92,9 @@ pub fn check_json_depth(bytes: &[u8], max_depth: usize) -> Result<(), Rejection>
 
 /// Checks a decoded event against the limits and hands it back. `broker_time_ms` is the
 /// record's broker timestamp; without a usable one (absent, or not after 1970) the event
-/// time is not checked. A deletion is honoured whatever its time (the store never lets it
-/// move a watermark); an opt-out is checked like any event, since its time does move the
-/// partition's watermark, and one dated 2100 would make every later event of the partition
-/// late.
+/// time is not checked. A deletion or an opt-out is honoured whatever its time: the store
+/// never windows either, nor lets it move a watermark, so a wrong date harms nothing, and a
+/// privacy request is not refused for its producer's clock.
 pub fn check_event(
     limits: &LimitsConfig,
     event: Event,
@@ -126,7 +125,7 @@ pub fn check_event(
         }
         EventBody::DeleteUser => {}
     }
-    if !matches!(event.body, EventBody::DeleteUser) {
+    if !matches!(event.body, EventBody::DeleteUser) && !event.opt_out {
         check_time(limits, event.event_time_ms, broker_time_ms)?;
     }
     Ok(event)
@@ -203,16 +202,16 @@ pub fn dead_letter_room(config: &Config) -> usize {
 /// `room` bytes, else their first bytes (the key's first), and whether anything was cut.
 pub fn fit_dead_letter<'a>(
     key: Option<&'a [u8]>,
-    payload: &'a [u8],
+    payload: Option<&'a [u8]>,
     room: usize,
-) -> (Option<&'a [u8]>, &'a [u8], bool) {
-    let key_len = key.map_or(0, <[u8]>::len);
-    if key_len.saturating_add(payload.len()) <= room {
+) -> (Option<&'a [u8]>, Option<&'a [u8]>, bool) {
+    let len = |part: Option<&[u8]>| part.map_or(0, <[u8]>::len);
+    if len(key).saturating_add(len(payload)) <= room {
         return (key, payload, false);
     }
     let key = key.map(|k| &k[..k.len().min(room)]);
-    let left = room - key.map_or(0, <[u8]>::len);
-    (key, &payload[..payload.len().min(left)], true)
+    let left = room - len(key);
+    (key, payload.map(|p| &p[..p.len().min(left)]), true)
 }
 
 #[cfg(test)]
@@ -467,15 +466,11 @@ mod tests {
         // Without a usable broker timestamp the time is not checked.
         assert!(check_event(&limits(), at(year_1970), None).is_ok());
         assert!(check_event(&limits(), at(year_1970), Some(0)).is_ok());
-        // A deletion is honoured whatever its time; an opt-out's time moves the watermark, so
-        // it is checked.
+        // A deletion or an opt-out is honoured whatever its time.
         let deletion = Event { body: EventBody::DeleteUser, ..at(year_1970) };
         assert!(check_event(&limits(), deletion, Some(NOW_MS)).is_ok());
         let opt_out = Event { opt_out: true, ..at(year_2100) };
-        assert_eq!(
-            reason(check_event(&limits(), opt_out, Some(NOW_MS))),
-            Some(RejectReason::TimeOutOfRange)
-        );
+        assert!(check_event(&limits(), opt_out, Some(NOW_MS)).is_ok());
     }
 
     #[test]
@@ -487,12 +482,17 @@ mod tests {
         config.kafka.producer.insert("message.max.bytes".into(), "20000000".into());
         assert_eq!(dead_letter_room(&config), 20_000_000 - 16 * 1024);
 
-        let (key, value, cut) = fit_dead_letter(Some(b"user"), b"0123456789", 14);
-        assert_eq!((key, value, cut), (Some(&b"user"[..]), &b"0123456789"[..], false));
-        let (key, value, cut) = fit_dead_letter(Some(b"user"), b"0123456789", 8);
-        assert_eq!((key, value, cut), (Some(&b"user"[..]), &b"0123"[..], true));
-        let (key, value, cut) = fit_dead_letter(Some(b"user"), b"0123456789", 2);
-        assert_eq!((key, value, cut), (Some(&b"us"[..]), &b""[..], true));
+        let (key, value, cut) = fit_dead_letter(Some(b"user"), Some(b"0123456789"), 14);
+        assert_eq!((key, value, cut), (Some(&b"user"[..]), Some(&b"0123456789"[..]), false));
+        let (key, value, cut) = fit_dead_letter(Some(b"user"), Some(b"0123456789"), 8);
+        assert_eq!((key, value, cut), (Some(&b"user"[..]), Some(&b"0123"[..]), true));
+        let (key, value, cut) = fit_dead_letter(Some(b"user"), Some(b"0123456789"), 2);
+        assert_eq!((key, value, cut), (Some(&b"us"[..]), Some(&b""[..]), true));
+        // Absent and empty parts stay as they were.
+        let (key, value, cut) = fit_dead_letter(None, Some(b""), 2);
+        assert_eq!((key, value, cut), (None, Some(&b""[..]), false));
+        let (key, value, cut) = fit_dead_letter(Some(b""), None, 2);
+        assert_eq!((key, value, cut), (Some(&b""[..]), None, false));
     }
 
     #[test]

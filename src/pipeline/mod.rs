@@ -437,11 +437,11 @@ impl Processor {
             reason,
             "record rejected"
         );
-        let original = message.payload().unwrap_or_default();
+        // An absent key or value stays absent, and an empty one empty.
         let (key, payload, cut) =
-            limits::fit_dead_letter(message.key(), original, self.dead_letter_room);
+            limits::fit_dead_letter(message.key(), message.payload(), self.dead_letter_room);
         if cut {
-            let kept = key.map_or(0, <[u8]>::len) + payload.len();
+            let kept = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
             let note = format!("; the dead-letter record keeps its first {kept} bytes");
             rejection.detail.push_str(&note);
         }

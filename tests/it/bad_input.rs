@@ -251,6 +251,9 @@ fn json_cases(corpus: &mut Corpus) {
     for (name, payload, expect) in cases {
         corpus.add(name, lane, payload, expect);
     }
+    // Keys that are there but empty, beside the records above without one.
+    corpus.push("empty key and value", lane, Some(Vec::new()), Some(Vec::new()), MALFORMED);
+    corpus.push("empty key, no value", lane, Some(Vec::new()), None, MALFORMED);
 
     // A record, then the same record again.
     let t = corpus.time();
@@ -307,14 +310,14 @@ fn json_cases(corpus: &mut Corpus) {
         Some(injected),
         cleaned("j-inject", "red shoes +0s buy c1 i1|price_asc"),
     );
-    // An opt-out is honoured; one dated 2100 is not, since its time would move the
-    // partition's watermark past every later event.
+    // An opt-out is honoured, also one dated 2100: it never moves the partition's watermark,
+    // so the good records after it are still scored.
     let mut quit = click_value("j-quit", corpus.time());
     quit["opt_out"] = json!(true);
     corpus.add("opt-out", lane, Some(json_event(quit)), Expect::OptedOut);
     let mut quit_late = click_value("j-quit-2100", YEAR_2100_MS);
     quit_late["opt_out"] = json!(true);
-    corpus.add("opt-out in 2100", lane, Some(json_event(quit_late)), Rejected("time_out_of_range"));
+    corpus.add("opt-out in 2100", lane, Some(json_event(quit_late)), Expect::OptedOut);
 }
 
 fn proto_cases(corpus: &mut Corpus) {
@@ -540,15 +543,14 @@ fn bad_input_is_dead_lettered_and_the_partitions_keep_moving() {
         }
     }
 
-    // The DLQ: every rejected record once, with its reason, source topic, key and bytes.
-    // A record without a key is dead-lettered with an empty one.
-    type Dead = (String, String, Vec<u8>, Vec<u8>);
+    // The DLQ: every rejected record once, with its reason, source topic, key and bytes. An
+    // absent key or value stays absent, and an empty one empty.
+    type Dead = (String, String, Option<Vec<u8>>, Option<Vec<u8>>);
     let mut expected_dead: Vec<Dead> = Vec::new();
     let mut expected_counts: BTreeMap<Vec<String>, f64> = BTreeMap::new();
     for case in &cases {
         if let Expect::Rejected(reason) = case.expect {
-            let payload = case.payload.clone().unwrap_or_default();
-            let key = case.key.clone().unwrap_or_default();
+            let (key, payload) = (case.key.clone(), case.payload.clone());
             expected_dead.push((topic(case.lane), reason.to_owned(), key, payload));
             *expected_counts.entry(vec![topic(case.lane), reason.to_owned()]).or_default() += 1.0;
         }
@@ -559,7 +561,8 @@ fn bad_input_is_dead_lettered_and_the_partitions_keep_moving() {
         .map(|r| {
             let reason = r.headers.get("mindstream.reason").cloned().unwrap_or_default();
             let source = r.headers.get("mindstream.source.topic").cloned().unwrap_or_default();
-            (source, reason, r.key.clone().unwrap_or_default(), r.payload.clone())
+            let payload = r.has_value.then(|| r.payload.clone());
+            (source, reason, r.key.clone(), payload)
         })
         .collect();
     for read in &dead {
@@ -571,8 +574,15 @@ fn bad_input_is_dead_lettered_and_the_partitions_keep_moving() {
     got_dead.sort();
     if got_dead != expected_dead {
         let summary = |d: &[Dead]| -> Vec<String> {
-            let key = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
-            d.iter().map(|(t, r, k, p)| format!("{t}/{r}/{}/{} bytes", key(k), p.len())).collect()
+            let key = |k: &Option<Vec<u8>>| match k {
+                Some(k) => String::from_utf8_lossy(k).into_owned(),
+                None => "(no key)".to_owned(),
+            };
+            let value = |p: &Option<Vec<u8>>| match p {
+                Some(p) => format!("{} bytes", p.len()),
+                None => "no value".to_owned(),
+            };
+            d.iter().map(|(t, r, k, p)| format!("{t}/{r}/{}/{}", key(k), value(p))).collect()
         };
         let named: Vec<String> = cases
             .iter()
@@ -595,7 +605,7 @@ fn bad_input_is_dead_lettered_and_the_partitions_keep_moving() {
     rejected.retain(|_, v| *v > 0.0);
     assert_eq!(rejected, expected_counts, "rejections by topic and reason on /metrics");
     let opted_out = counters(&scrape, "mindstream_events_opted_out_total", &["topic"]);
-    assert_eq!(opted_out.values().sum::<f64>(), 1.0, "opt-outs honoured");
+    assert_eq!(opted_out.values().sum::<f64>(), 2.0, "opt-outs honoured");
 
     // Signals: exactly the users of the records that were accepted.
     let key = Pseudonymizer::new(support::KEY.as_bytes()).unwrap();

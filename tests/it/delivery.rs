@@ -324,6 +324,7 @@ fn kept(reads: &[Read], records: &Records) -> Vec<Read> {
             offset: r.offset,
             key: r.key.clone(),
             payload: r.payload.clone(),
+            has_value: r.has_value,
             headers: r.headers.clone(),
         })
         .collect()

@@ -162,7 +162,9 @@ pub struct Read {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
+    /// The value; empty for a tombstone, which `has_value` tells from an empty value.
     pub payload: Vec<u8>,
+    pub has_value: bool,
     pub headers: BTreeMap<String, String>,
 }
 
@@ -275,6 +277,7 @@ fn read_of(message: &BorrowedMessage<'_>) -> Read {
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().unwrap_or_default().to_vec(),
+        has_value: message.payload().is_some(),
         headers,
     }
 }

@@ -596,6 +596,7 @@ fn read_topic(reader: &ClientConfig, topic: &str) -> Vec<support::Read> {
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().unwrap_or_default().to_vec(),
+            has_value: message.payload().is_some(),
             headers: BTreeMap::new(),
         });
     }
