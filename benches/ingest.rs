@@ -275,7 +275,15 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
                 partition: record.partition(),
                 offset: record.offset(),
             };
-            if let Ok(event) = mindstream::source::admit(&limits, Format::Json, record) {
+            let time = record.timestamp().to_millis();
+            let admitted = mindstream::source::admit(
+                &limits,
+                Format::Json,
+                record.key(),
+                record.payload(),
+                time,
+            );
+            if let Ok(event) = admitted {
                 let _ = store.apply(event, lineage, (), now);
             }
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Config, LimitsConfig};
-use crate::event::{json, limits, Event, Format, Rejection};
+use crate::event::Format;
 use crate::model::batcher::{self, BatchConfig};
 use crate::model::scorer::ModelError;
 use crate::model::LoadedModel;
@@ -106,16 +106,6 @@ pub fn score_file(
     Ok(stats)
 }
 
-/// The processor's checks on one line, in its order: the limits before parsing, the schema,
-/// and the limits on the event (duplicates are the store's). A line has no key and no broker
-/// timestamp, so its size is its value's, and event times are not checked against a broker's
-/// clock.
-fn admit(limits: &LimitsConfig, line: &[u8]) -> Result<Event, Rejection> {
-    limits::check_record(limits, Format::Json, None, Some(line))?;
-    let event = limits::check_event(limits, json::decode(line)?, None)?;
-    Ok(event)
-}
-
 fn read_events(
     input: &Path,
     limits: &LimitsConfig,
@@ -144,7 +134,10 @@ fn read_events(
         }
         stats.lines += 1;
         let lineage = Lineage { topic: topic.clone(), partition: 0, offset: number as i64 };
-        let rejection = match admit(limits, &line) {
+        // The processor's checks (duplicates are the store's). A line has no key and no broker
+        // timestamp, so its size is its value's, and event times are not checked against a
+        // broker's clock.
+        let rejection = match crate::source::admit(limits, Format::Json, None, Some(&line), None) {
             Err(rejection) => Some(rejection),
             Ok(event) => match store.apply(event, lineage, (), now) {
                 Applied::Accepted | Applied::AlreadyApplied(_) => {

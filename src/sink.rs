@@ -229,9 +229,8 @@ impl Sink {
         signals_too: bool,
         derived: Vec<ActionRecord>,
     ) {
-        let key = user_key.as_bytes();
+        let key = Some(user_key.as_bytes());
         let changelog = Target::Partition(self.changelog_topic.clone(), owner.partition);
-        let key = Some(key);
         let mut records = vec![Outgoing { to: changelog, key, payload: None, headers: None }];
         if signals_too {
             let signals = Target::Keyed(self.signals_topic.clone());

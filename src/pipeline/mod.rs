@@ -364,7 +364,8 @@ impl Processor {
         let token = OffsetRef { partition, offset, timestamp_ms: message.timestamp().to_millis() };
 
         let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
-        let event = match source::admit(&self.limits, format, message) {
+        let (key, payload, time) = (message.key(), message.payload(), message.timestamp());
+        let event = match source::admit(&self.limits, format, key, payload, time.to_millis()) {
             Ok(event) => event,
             Err(rejection) => return self.reject(message, rejection, token).await,
         };
@@ -377,8 +378,7 @@ impl Processor {
         }
         match applied {
             Applied::Accepted => {
-                let input = self.topics.get(&topic);
-                if let Some(accepted) = input.and_then(|input| input.accepted(kind)) {
+                if let Some(accepted) = input.accepted(kind) {
                     accepted.increment(1);
                 }
             }

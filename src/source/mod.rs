@@ -535,14 +535,18 @@ impl Topics {
 /// Decodes a record under the input limits ([`event::limits`]): size and JSON nesting before
 /// it is parsed, then the schema and the limits on the event (text, time around the record's
 /// broker timestamp). An `event_id` already in the user's window is found by the store.
+/// The processor and the offline scorer (whose lines have no key and no broker timestamp)
+/// both admit records here.
 pub fn admit(
     limits: &LimitsConfig,
     format: Format,
-    record: Record<'_>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    broker_time_ms: Option<i64>,
 ) -> Result<Event, Rejection> {
-    limits::check_record(limits, format, record.key(), record.payload())?;
-    let event = decode(format, record.payload())?;
-    limits::check_event(limits, event, record.timestamp().to_millis())
+    limits::check_record(limits, format, key, payload)?;
+    let event = decode(format, payload)?;
+    limits::check_event(limits, event, broker_time_ms)
 }
 
 /// Decodes a record's payload. An absent payload (a tombstone) is malformed input.

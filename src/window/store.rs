@@ -253,10 +253,10 @@ impl<T> Store<T> {
 
     /// Applies one event from the partition named in `lineage`.
     pub fn apply(&mut self, event: Event, lineage: Lineage, token: T, now: Instant) -> Applied<T> {
+        let user_key = self.pseudonymizer.key(&event.user_id);
         // A deletion or an opt-out is honoured however late it comes, is never windowed, and
         // does not move the partition's watermark.
         if matches!(event.body, EventBody::DeleteUser) || event.opt_out {
-            let user_key = self.pseudonymizer.key(&event.user_id);
             let (mut released, marks) =
                 self.users.remove(&user_key).map_or((Vec::new(), None), |t| (t.pending, t.marks));
             released.push(token);
@@ -267,13 +267,12 @@ impl<T> Store<T> {
                 Applied::Deleted { user_key, partition, released, marks }
             };
         }
-        let user_key = self.pseudonymizer.key(&event.user_id);
-        if self.config.reject_duplicates {
-            let held = self.users.get(&user_key);
-            if held.is_some_and(|t| t.holds_from_another_record(&event.event_id, &lineage)) {
-                let detail = "event_id is already in the user's window";
-                return Applied::Rejected(Rejection::new(RejectReason::Duplicate, detail), token);
-            }
+        let held = self.users.get_mut(&user_key);
+        if self.config.reject_duplicates
+            && held.as_ref().is_some_and(|t| t.holds_from_another_record(&event.event_id, &lineage))
+        {
+            let detail = "event_id is already in the user's window";
+            return Applied::Rejected(Rejection::new(RejectReason::Duplicate, detail), token);
         }
         let source = (lineage.topic.clone(), lineage.partition);
         let newest = self.newest.entry(source).or_insert(i64::MIN);
@@ -291,7 +290,7 @@ impl<T> Store<T> {
         else {
             unreachable!("deletions return above");
         };
-        match self.users.get_mut(&user_key) {
+        match held {
             Some(tracked) => {
                 let outcome = if tracked.already_applied(&lineage) {
                     if !self.config.rescore_restored {
