@@ -16,9 +16,11 @@ use serde_json::error::Category;
 
 use super::{Action, Click, Event, EventBody, RejectReason, Rejection, Review, Search};
 
+mod plain;
+
 /// The JSON record as it arrives, every field optional so that validation can name what is
 /// missing instead of failing on the first absent key.
-#[derive(Deserialize)]
+#[derive(Debug, Default, Deserialize, PartialEq)]
 struct Incoming<'a> {
     #[serde(borrow)]
     user_id: Option<Cow<'a, str>>,
@@ -87,23 +89,51 @@ fn is_empty(s: &&str) -> bool {
 
 /// Decodes and validates one JSON record.
 pub fn decode(bytes: &[u8]) -> Result<Event, Rejection> {
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Rejection::new(RejectReason::Malformed, "not a JSON object"));
-    }
-    // The plain decoder first; only a record that fails is decoded again with path tracking,
-    // which costs a third of the decoding time, to name the field at fault.
-    let incoming: Incoming = match serde_json::from_slice(bytes) {
-        Ok(incoming) => incoming,
-        Err(_) => {
-            let mut de = serde_json::Deserializer::from_slice(bytes);
-            let incoming: Incoming = serde_path_to_error::deserialize(&mut de).map_err(reject)?;
-            de.end().map_err(|e| Rejection::new(RejectReason::Malformed, e.to_string()))?;
-            incoming
+    decode_nested_at_most(bytes, None)
+}
+
+/// [`decode`], after checking that the record nests at most `max_depth` levels (at least one)
+/// where it is given ([`limits::check_json_depth`](super::limits::check_json_depth)). The
+/// common flat record is read without serde, and without that check: one flat object is
+/// within any limit. serde_json reads everything else; only a record it refuses is decoded
+/// again with path tracking, which costs a third of the decoding time, to name the field at
+/// fault.
+pub fn decode_nested_at_most(bytes: &[u8], max_depth: Option<usize>) -> Result<Event, Rejection> {
+    let incoming = match plain::parse(bytes) {
+        Some(incoming) => incoming,
+        None => {
+            if let Some(max_depth) = max_depth {
+                super::limits::check_json_depth(bytes, max_depth)?;
+            }
+            read_with_serde(bytes)?
         }
     };
     let event = incoming.into_event()?;
     event.validate()?;
     Ok(event)
+}
+
+fn read_with_serde(bytes: &[u8]) -> Result<Incoming<'_>, Rejection> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Rejection::new(RejectReason::Malformed, "not a JSON object"));
+    }
+    if let Ok(incoming) = serde_json::from_slice(bytes) {
+        return Ok(incoming);
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let incoming: Incoming = serde_path_to_error::deserialize(&mut de).map_err(reject)?;
+    de.end().map_err(|e| Rejection::new(RejectReason::Malformed, e.to_string()))?;
+    Ok(incoming)
+}
+
+/// Whether the plain reader and serde_json agree on `bytes`: either the plain reader leaves
+/// the record to serde_json, or both read the same values. The `decode_json` fuzz target
+/// asserts it.
+#[doc(hidden)]
+pub fn plain_reader_agrees(bytes: &[u8]) -> bool {
+    plain::parse(bytes).is_none_or(|plain| {
+        serde_json::from_slice::<Incoming>(bytes).is_ok_and(|serde| serde == plain)
+    })
 }
 
 fn reject(err: serde_path_to_error::Error<serde_json::Error>) -> Rejection {
@@ -146,14 +176,17 @@ impl Incoming<'_> {
                 quantity: self.quantity,
             }),
             Some("search") => EventBody::Search(Search {
-                query: self.query.map(Cow::into_owned).ok_or(Rejection::missing("query"))?,
+                query: self
+                    .query
+                    .map(Cow::into_owned)
+                    .ok_or_else(|| Rejection::missing("query"))?,
                 sort: owned(self.sort),
                 category_id: id(self.category_id),
             }),
             Some("review") => EventBody::Review(Review {
                 item_id: id(self.item_id),
                 rating: self.rating,
-                text: self.text.map(Cow::into_owned).ok_or(Rejection::missing("text"))?,
+                text: self.text.map(Cow::into_owned).ok_or_else(|| Rejection::missing("text"))?,
                 language: owned(self.language),
             }),
             Some("delete_user") => EventBody::DeleteUser,
@@ -167,7 +200,7 @@ impl Incoming<'_> {
         Ok(Event {
             user_id: id(self.user_id),
             event_id: id(self.event_id),
-            event_time_ms: self.event_time.ok_or(Rejection::missing("event_time"))?,
+            event_time_ms: self.event_time.ok_or_else(|| Rejection::missing("event_time"))?,
             opt_out: self.opt_out.unwrap_or(false),
             body,
         })
@@ -175,9 +208,9 @@ impl Incoming<'_> {
 }
 
 fn parse_action(action: Option<&str>) -> Result<Action, Rejection> {
-    let action = action.ok_or(Rejection::missing("action"))?;
+    let action = action.ok_or_else(|| Rejection::missing("action"))?;
     Action::parse(action)
-        .ok_or(Rejection::invalid("action", "is not view, cart, fav, buy or remove_cart"))
+        .ok_or_else(|| Rejection::invalid("action", "is not view, cart, fav, buy or remove_cart"))
 }
 
 /// Encodes one event as a single JSON line (without the newline).

@@ -39,6 +39,19 @@ pub fn check_record(
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
 ) -> Result<(), Rejection> {
+    check_size(limits, key, payload)?;
+    match (format, payload) {
+        (Format::Json, Some(bytes)) => check_json_depth(bytes, limits.max_json_depth),
+        _ => Ok(()),
+    }
+}
+
+/// The size part of [`check_record`]: key plus value, at most `limits.max_record_bytes`.
+pub fn check_size(
+    limits: &LimitsConfig,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Result<(), Rejection> {
     let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
     if size > limits.max_record_bytes {
         let detail = format!(
@@ -47,10 +60,7 @@ pub fn check_record(
         );
         return Err(Rejection::new(RejectReason::TooLarge, detail));
     }
-    match (format, payload) {
-        (Format::Json, Some(bytes)) => check_json_depth(bytes, limits.max_json_depth),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// Rejects JSON whose arrays and objects nest deeper than `max_depth`, by one pass over the
