@@ -69,12 +69,40 @@ impl Pseudonymizer {
 
     /// The user's key in every output: the first 128 bits of the HMAC, as 32 hex digits.
     pub fn key(&self, user_id: &str) -> String {
+        self.user_key(user_id).to_string()
+    }
+
+    /// [`Pseudonymizer::key`] as a number, for holding and looking users up without an
+    /// allocation.
+    pub fn user_key(&self, user_id: &str) -> UserKey {
         let mut mac = self.mac.clone();
         mac.update(user_id.as_bytes());
-        let mut digits = [0u8; 32];
-        hex::encode_to_slice(&mac.finalize().into_bytes()[..16], &mut digits)
-            .expect("32 hex digits for 16 bytes");
-        String::from_utf8(digits.to_vec()).expect("hex digits are ASCII")
+        let digest = mac.finalize().into_bytes();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        UserKey(u128::from_be_bytes(first))
+    }
+}
+
+/// A pseudonymised user: the first 128 bits of the keyed hash, shown (`Display`) as the 32
+/// lowercase hex digits that outputs carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UserKey(u128);
+
+impl UserKey {
+    /// Reads a key as outputs show it; `None` for anything but 32 lowercase hex digits.
+    pub fn parse(digits: &str) -> Option<UserKey> {
+        let hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+        if digits.len() != 32 || !digits.as_bytes().iter().all(hex) {
+            return None;
+        }
+        u128::from_str_radix(digits, 16).ok().map(UserKey)
+    }
+}
+
+impl std::fmt::Display for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
     }
 }
 
@@ -238,6 +266,22 @@ mod tests {
         assert_eq!(a.key("user-1"), "9671a70114c638eedd26dab7f09610ba");
         assert!(!a.key("user-1").contains("user"));
         assert!(Pseudonymizer::new(b"short").is_err());
+    }
+
+    #[test]
+    fn user_keys_read_back_from_their_digits_and_nothing_else() {
+        let key = Pseudonymizer::new(b"0123456789abcdef").unwrap();
+        for id in ["user-1", "", "女鞋", "taobao:543462#4"] {
+            let user = key.user_key(id);
+            assert_eq!(user.to_string(), key.key(id));
+            assert_eq!(UserKey::parse(&key.key(id)), Some(user));
+        }
+        // Leading zeros are kept.
+        assert_eq!(UserKey(1).to_string(), format!("{}1", "0".repeat(31)));
+        let digits = key.key("user-1");
+        for bad in [&digits[1..], &digits.to_uppercase(), &format!("+{}", &digits[1..]), "user-1"] {
+            assert_eq!(UserKey::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::config::DeliveryMode;
 use crate::console::TimelineEvent;
 use crate::event::{Event, EventBody, RejectReason, Rejection};
 use crate::model::batcher::ScoreRequest;
-use crate::privacy::Pseudonymizer;
+use crate::privacy::{Pseudonymizer, UserKey};
 use crate::render;
 use crate::signals::{InterestFeed, WindowFacts};
 use crate::state::{self, AppliedThrough, Snapshot};
@@ -214,7 +214,8 @@ pub struct Store<T> {
     pseudonymizer: Arc<Pseudonymizer>,
     /// Users by pseudonymised key. The keys are keyed HMAC outputs, which nobody can choose
     /// to collide, so the map uses a fast hash instead of the standard library's SipHash.
-    users: HashMap<String, Box<Tracked<T>>, FastHash>,
+    /// They are held as numbers, so that looking a user up reads no memory outside the table.
+    users: HashMap<UserKey, Box<Tracked<T>>, FastHash>,
     /// Newest event time seen per source partition.
     newest: HashMap<(Arc<str>, i32), i64, FastHash>,
     /// Assignment epoch per input partition number (0 where never restored).
@@ -223,7 +224,7 @@ pub struct Store<T> {
     next_sequence: u64,
     /// Users in order of their first unscored change; entries whose user was scored or
     /// changed again since are skipped when they come up.
-    due: VecDeque<(Instant, String)>,
+    due: VecDeque<(Instant, UserKey)>,
 }
 
 impl<T> Store<T> {
@@ -253,7 +254,7 @@ impl<T> Store<T> {
 
     /// Applies one event from the partition named in `lineage`.
     pub fn apply(&mut self, event: Event, lineage: Lineage, token: T, now: Instant) -> Applied<T> {
-        let user_key = self.pseudonymizer.key(&event.user_id);
+        let user_key = self.pseudonymizer.user_key(&event.user_id);
         // A deletion or an opt-out is honoured however late it comes, is never windowed, and
         // does not move the partition's watermark.
         if matches!(event.body, EventBody::DeleteUser) || event.opt_out {
@@ -261,6 +262,7 @@ impl<T> Store<T> {
                 self.users.remove(&user_key).map_or((Vec::new(), None), |t| (t.pending, t.marks));
             released.push(token);
             let partition = lineage.partition;
+            let user_key = user_key.to_string();
             return if event.opt_out && !matches!(event.body, EventBody::DeleteUser) {
                 Applied::OptedOut { user_key, partition, released, marks }
             } else {
@@ -319,7 +321,7 @@ impl<T> Store<T> {
                     pending: vec![token],
                     marks: None,
                 };
-                self.users.insert(user_key.clone(), Box::new(tracked));
+                self.users.insert(user_key, Box::new(tracked));
                 self.due.push_back((now, user_key));
                 Applied::Accepted
             }
@@ -342,7 +344,7 @@ impl<T> Store<T> {
                 return (out, true);
             }
             let Some((since, user)) = self.due.pop_front() else { break };
-            if let Some(request) = self.request_if_dirty_since(&user, since) {
+            if let Some(request) = self.request_if_dirty_since(user, since) {
                 out.push(request);
             }
         }
@@ -353,7 +355,7 @@ impl<T> Store<T> {
     pub fn take_all(&mut self) -> Vec<ScoreRequest<Scoring<T>>> {
         let mut out = Vec::new();
         while let Some((since, user)) = self.due.pop_front() {
-            if let Some(request) = self.request_if_dirty_since(&user, since) {
+            if let Some(request) = self.request_if_dirty_since(user, since) {
                 out.push(request);
             }
         }
@@ -362,16 +364,16 @@ impl<T> Store<T> {
 
     fn request_if_dirty_since(
         &mut self,
-        user: &str,
+        user: UserKey,
         since: Instant,
     ) -> Option<ScoreRequest<Scoring<T>>> {
-        let tracked = self.users.get_mut(user)?;
+        let tracked = self.users.get_mut(&user)?;
         if tracked.dirty_since != Some(since) {
             return None;
         }
         tracked.dirty_since = None;
         let pending = std::mem::take(&mut tracked.pending);
-        let facts = WindowFacts::of(user.to_owned(), &tracked.state, self.config.interest_feed);
+        let facts = WindowFacts::of(user.to_string(), &tracked.state, self.config.interest_feed);
         let segments = render::render(&tracked.state);
         // A window that is its review alone needs no second scoring of the same text.
         let focus = focus_review(tracked.state.events().iter())
@@ -390,7 +392,9 @@ impl<T> Store<T> {
     }
 
     /// Takes over the users of input partition `partition` from their changelog snapshots,
-    /// under a new assignment `epoch`. A snapshot of a user already held replaces it.
+    /// under a new assignment `epoch`. A snapshot of a user already held replaces it; one whose
+    /// key is not a user key (32 lowercase hex digits, as this processor writes them) is
+    /// skipped with a warning.
     pub fn restore(
         &mut self,
         partition: i32,
@@ -400,6 +404,10 @@ impl<T> Store<T> {
         self.epochs.insert(partition, epoch);
         let mut restored = 0;
         for (user_key, snapshot) in snapshots {
+            let Some(user_key) = UserKey::parse(&user_key) else {
+                tracing::warn!(partition, "changelog record skipped: its key is not a user key");
+                continue;
+            };
             let tracked = Tracked {
                 state: snapshot.state,
                 partition,
@@ -444,7 +452,7 @@ impl<T> Store<T> {
             let keep = t.dirty_since.is_some() || t.state.newest_ms() >= horizon;
             if !keep {
                 let marks = t.marks.take();
-                dropped.push(Dropped { user_key: key.clone(), partition: t.partition, marks });
+                dropped.push(Dropped { user_key: key.to_string(), partition: t.partition, marks });
             }
             keep
         });
@@ -484,19 +492,22 @@ impl<T> Store<T> {
 
     /// Approximate bytes of all user state.
     pub fn state_bytes(&self) -> usize {
-        self.users.iter().map(|(id, t)| id.len() + t.state.approx_bytes()).sum()
+        self.users.values().map(|t| size_of::<UserKey>() + t.state.approx_bytes()).sum()
     }
 
     /// The current window of a user, if held.
     pub fn state(&self, user_id: &str) -> Option<&UserState> {
-        self.users.get(&self.pseudonymizer.key(user_id)).map(|t| &t.state)
+        self.users.get(&self.pseudonymizer.user_key(user_id)).map(|t| &t.state)
     }
 
     /// Sets a user's marks as the publisher derived them from a record of the user's
     /// partition under `epoch`; ignored when the user is gone or the partition was let go
     /// since.
     pub fn set_marks(&mut self, user_key: &str, epoch: u64, marks: Option<Box<Marks>>) {
-        let Some(tracked) = self.users.get_mut(user_key) else { return };
+        let Some(tracked) = UserKey::parse(user_key).and_then(|key| self.users.get_mut(&key))
+        else {
+            return;
+        };
         if self.epochs.get(&tracked.partition).copied().unwrap_or(0) == epoch {
             tracked.marks = marks;
         }
@@ -515,7 +526,7 @@ impl<T> Store<T> {
 
     /// The window of a pseudonymised user key as the console shows it, oldest event first.
     pub fn timeline(&self, user_key: &str) -> Option<Vec<TimelineEvent>> {
-        let tracked = self.users.get(user_key)?;
+        let tracked = self.users.get(&UserKey::parse(user_key)?)?;
         Some(tracked.state.events().iter().map(TimelineEvent::of).collect())
     }
 }
