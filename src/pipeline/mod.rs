@@ -327,6 +327,7 @@ impl Processor {
                         for record in records.iter() {
                             self.handle(record).await;
                         }
+                        source.recycle(records);
                     }
                     Polled::Error(err) => self.client_error(&err),
                     Polled::Assigned { partitions, restored, committed } => {

@@ -87,6 +87,9 @@ pub struct SourceContext {
     /// Records polled and not yet handed over. Only the polling thread touches it (rebalance
     /// callbacks run inside its `poll`), and anything else handed over goes after them.
     polled: Mutex<RecordBatch>,
+    /// Emptied batches handed back by the pipeline ([`Source::recycle`]), filled again instead
+    /// of new ones.
+    spare: Mutex<std_mpsc::Receiver<RecordBatch>>,
     /// Set once the pipeline stops reading; callbacks then only commit.
     stopping: Arc<AtomicBool>,
     restorer: Restorer,
@@ -222,7 +225,10 @@ impl SourceContext {
         if polled.is_empty() {
             return RecordBatch::default();
         }
-        std::mem::replace(&mut *polled, RecordBatch::with_capacity(HANDOVER_BATCH, BATCH_BYTES))
+        let spare = self.spare.lock().expect("spare batches lock poisoned").try_recv();
+        let next =
+            spare.unwrap_or_else(|_| RecordBatch::with_capacity(HANDOVER_BATCH, BATCH_BYTES));
+        std::mem::replace(&mut *polled, next)
     }
 
     /// Hands the kept records to the pipeline from the polling thread, waiting for room;
@@ -316,6 +322,8 @@ pub type SourceConsumer = BaseConsumer<SourceContext>;
 pub const POLLED_CAPACITY: usize = 8;
 /// Most records handed over as one item.
 pub const HANDOVER_BATCH: usize = 256;
+/// Emptied batches kept for the polling thread to fill again.
+pub const SPARE_BATCHES: usize = 2;
 /// Room reserved for a batch's bytes: 256 records of about 250 bytes with their topic names.
 const BATCH_BYTES: usize = 64 * 1024;
 /// Longest one poll waits, and so the longest the thread takes to notice a stop.
@@ -331,6 +339,8 @@ pub struct Source {
     consumer: Arc<SourceConsumer>,
     /// Records from the polling thread; closed when the thread stops.
     records: mpsc::Receiver<Polled>,
+    /// Hands emptied batches back to the polling thread.
+    spare: std_mpsc::SyncSender<RecordBatch>,
     /// Tells the polling thread (and the rebalance callbacks) to stop; set by
     /// [`Source::stop`] and on drop.
     stop: Arc<AtomicBool>,
@@ -341,6 +351,7 @@ impl Source {
     /// Creates the consumer, subscribes it to every input topic and starts polling.
     pub fn start(config: &Config, shared: Shared) -> Result<Source, KafkaError> {
         let (sender, records) = mpsc::channel(POLLED_CAPACITY);
+        let (spare, spares) = std_mpsc::sync_channel(SPARE_BATCHES);
         let stop = Arc::new(AtomicBool::new(false));
         let context = SourceContext {
             tracker: shared.tracker,
@@ -348,6 +359,7 @@ impl Source {
             restoring: shared.restoring,
             to_pipeline: sender,
             polled: Mutex::new(RecordBatch::with_capacity(HANDOVER_BATCH, BATCH_BYTES)),
+            spare: Mutex::new(spares),
             stopping: stop.clone(),
             restorer: Restorer::new(config),
             epoch: AtomicU64::new(0),
@@ -367,7 +379,7 @@ impl Source {
             .map_err(|e| {
                 KafkaError::ClientCreation(format!("cannot start the poll thread: {e}"))
             })?;
-        Ok(Source { consumer, records, stop, thread: Some(thread) })
+        Ok(Source { consumer, records, spare, stop, thread: Some(thread) })
     }
 
     pub fn consumer(&self) -> &SourceConsumer {
@@ -380,6 +392,14 @@ impl Source {
             Some(polled) => polled,
             None => std::future::pending().await,
         }
+    }
+
+    /// Hands a batch the pipeline is done with back to the polling thread, which fills it
+    /// again instead of allocating a new one. Fresh memory costs more than the copy into it
+    /// (the kernel zeroes each new page); at most [`SPARE_BATCHES`] wait, the rest are freed.
+    pub fn recycle(&self, mut batch: RecordBatch) {
+        batch.clear();
+        let _ = self.spare.try_send(batch);
     }
 
     /// Items polled and not yet taken by the pipeline.
@@ -544,8 +564,15 @@ pub fn admit(
     payload: Option<&[u8]>,
     broker_time_ms: Option<i64>,
 ) -> Result<Event, Rejection> {
-    limits::check_record(limits, format, key, payload)?;
-    let event = decode(format, payload)?;
+    // The checks of `limits::check_record`, with JSON's nesting checked only where a record
+    // is not one flat object.
+    limits::check_size(limits, key, payload)?;
+    let event = match (format, payload) {
+        (Format::Json, Some(bytes)) if !bytes.is_empty() => {
+            event::json::decode_nested_at_most(bytes, Some(limits.max_json_depth))?
+        }
+        _ => decode(format, payload)?,
+    };
     limits::check_event(limits, event, broker_time_ms)
 }
 
