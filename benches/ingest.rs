@@ -10,7 +10,7 @@
 //! decoding) and applies it to a real `Store` (pseudonymisation, duplicates, watermarks,
 //! windows, interests, coalescing bookkeeping).
 //! Metrics, offset tracking and the dead-letter topic are left out. Both sides set
-//! `fetch.queue.backoff.ms` as the processor does. Each side is timed three times and the
+//! `fetch.queue.backoff.ms` as the processor does. Each side is timed five times and the
 //! median kept, with the CPU time of the process and of its threads. The slice is written five
 //! times, each copy with its own user ids and shifted ten days later (the slice spans nine), so
 //! both sides read 551,500 records. Where the time goes is shown by timing the stages of the
@@ -37,7 +37,7 @@ use mindstream::source::{POLLED_CAPACITY, SPARE_BATCHES};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const TOPIC: &str = "bench-clicks";
-const REPEATS: usize = 3;
+const REPEATS: usize = 5;
 /// Copies of the slice written to the topic.
 const COPIES: i64 = 5;
 /// Event-time shift between copies.
@@ -63,6 +63,12 @@ fn main() {
         raw_broker_cpu += middle - before;
         windowed_broker_cpu += broker.cpu_seconds() - middle;
     }
+    let rounds = |reads: &[Read]| {
+        let walls: Vec<String> =
+            reads.iter().map(|r| format!("{:.2} s", r.wall.as_secs_f64())).collect();
+        walls.join(", ")
+    };
+    let (raw_rounds, windowed_rounds) = (rounds(&raw), rounds(&windowed));
     let (raw, windowed) = (median_read(raw), median_read(windowed));
     let rate = |d: Duration| total as f64 / d.as_secs_f64();
     println!("| measure | value |");
@@ -82,6 +88,8 @@ fn main() {
         "| ratio, windowed / raw | {:.3} |",
         raw.wall.as_secs_f64() / windowed.wall.as_secs_f64()
     );
+    println!("| every round, raw | {raw_rounds} |");
+    println!("| every round, windowed | {windowed_rounds} |");
     println!(
         "| broker CPU per read (group join included), raw / windowed | {:.2} s / {:.2} s |",
         raw_broker_cpu / repeats as f64,

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState as FastHash;
+use smallvec::{smallvec, SmallVec};
 
 use crate::actions::Marks;
 use crate::config::DeliveryMode;
@@ -155,8 +156,9 @@ struct Tracked<T> {
     state: UserState,
     /// The input partition number the user's events come from.
     partition: i32,
-    /// Per input topic, the last offset applied to `state`.
-    applied_through: Vec<(Arc<str>, i64)>,
+    /// Per input topic, the last offset applied to `state`. Users of a single topic, nearly
+    /// all, hold it inline: no allocation, and no pointer to follow on every event.
+    applied_through: SmallVec<[(Arc<str>, i64); 1]>,
     /// When the first change since the last scoring request arrived; `None` when clean.
     dirty_since: Option<Instant>,
     pending: Vec<T>,
@@ -287,10 +289,13 @@ impl<T> Store<T> {
         }
         *newest = (*newest).max(event.event_time_ms);
 
-        let Some(stored) =
-            WindowEvent::from_event(&event, lineage.clone(), &self.config.state.window)
-        else {
-            unreachable!("deletions return above");
+        // The lineage moves into the stored event, once nothing else needs it.
+        let window = &self.config.state.window;
+        let stored = |lineage| {
+            let Some(stored) = WindowEvent::from_event(&event, lineage, window) else {
+                unreachable!("deletions return above");
+            };
+            stored
         };
         match held {
             Some(tracked) => {
@@ -300,8 +305,8 @@ impl<T> Store<T> {
                     }
                     Applied::AlreadyApplied(None)
                 } else {
-                    tracked.state.apply(stored, &self.config.state);
                     tracked.record_applied(&lineage);
+                    tracked.state.apply(stored(lineage), &self.config.state);
                     Applied::Accepted
                 };
                 tracked.pending.push(token);
@@ -312,11 +317,12 @@ impl<T> Store<T> {
                 outcome
             }
             None => {
-                let state = UserState::new(stored, &self.config.state);
+                let (partition, applied) =
+                    (lineage.partition, (lineage.topic.clone(), lineage.offset));
                 let tracked = Tracked {
-                    state,
-                    partition: lineage.partition,
-                    applied_through: vec![(lineage.topic.clone(), lineage.offset)],
+                    state: UserState::new(stored(lineage), &self.config.state),
+                    partition,
+                    applied_through: smallvec![applied],
                     dirty_since: Some(now),
                     pending: vec![token],
                     marks: None,
