@@ -90,6 +90,20 @@ impl Field {
     }
 }
 
+/// The bytes a plain string stops at: its closing quote, or what only serde_json reads (an
+/// escape, or a control character, which JSON does not allow unescaped).
+static ENDS_STRING: [bool; 256] = {
+    let mut ends = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        ends[byte] = true;
+        byte += 1;
+    }
+    ends[b'"' as usize] = true;
+    ends[b'\\' as usize] = true;
+    ends
+};
+
 struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -131,7 +145,7 @@ impl<'a> Cursor<'a> {
         self.expect(b'"')?;
         let rest = &self.bytes[self.at..];
         // Ids and words are short: one plain pass beats a vectorised search's setup.
-        let end = rest.iter().position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)?;
+        let end = rest.iter().position(|&byte| ENDS_STRING[usize::from(byte)])?;
         if rest[end] != b'"' {
             return None;
         }
