@@ -191,6 +191,24 @@ fn requests_carry_a_snapshot_of_the_scored_state() {
 }
 
 #[test]
+fn a_changelog_record_whose_key_is_not_a_user_key_is_not_restored() {
+    let mut first = store(0);
+    let now = Instant::now();
+    first.apply(event("u", 1_000), lineage(1, 0), 0, now);
+    let (due, _) = first.take_due(now, 10);
+    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+
+    let mut second = store(0);
+    let key = second.pseudonymizer.key("u");
+    let others = [key.to_uppercase(), key[1..].to_owned(), "u".to_owned()];
+    let mut snapshots = vec![(key.clone(), snapshot.clone())];
+    snapshots.extend(others.into_iter().map(|other| (other, snapshot.clone())));
+    assert_eq!(second.restore(1, 5, snapshots), 1);
+    assert_eq!(second.users(), 1);
+    assert!(second.state("u").is_some(), "the user's own record is restored");
+}
+
+#[test]
 fn records_read_again_after_a_restore_are_scored_but_not_applied_twice() {
     let mut first = store(0);
     let now = Instant::now();
