@@ -1,7 +1,7 @@
 //! Input limits: what a record may be beyond its schema.
 //!
-//! Receives a record's raw key and value before they are parsed ([`check_record`]: size, JSON
-//! nesting) and the decoded event with the record's broker timestamp ([`check_event`]: ids,
+//! Receives a record's raw key and value before they are parsed ([`check_size`], and
+//! [`check_json_depth`] for JSON that is not one flat object) and the decoded event with the record's broker timestamp ([`check_event`]: ids,
 //! text lengths, `sort` and `language`, price, event time), each with the configured
 //! [`LimitsConfig`], and hands back the event or a [`Rejection`] for the dead-letter topic.
 //! The processor and the offline scorer call them in the same order, so both reject the same
@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use crate::config::{Config, LimitsConfig};
-use crate::event::{Event, EventBody, Format, RejectReason, Rejection};
+use crate::event::{Event, EventBody, RejectReason, Rejection};
 use crate::privacy::is_invisible;
 
 /// Longest `sort` of a search, in characters. It reaches the model text (cleaned and
@@ -31,22 +31,8 @@ const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// detail, source topic, partition and offset) and the record framing.
 const DEAD_LETTER_HEADROOM: usize = 16 * 1024;
 
-/// Checks a record before it is parsed: its size (key plus value, `too_large`) and, for a
-/// JSON topic, how deeply its arrays and objects nest (`malformed`).
-pub fn check_record(
-    limits: &LimitsConfig,
-    format: Format,
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-) -> Result<(), Rejection> {
-    check_size(limits, key, payload)?;
-    match (format, payload) {
-        (Format::Json, Some(bytes)) => check_json_depth(bytes, limits.max_json_depth),
-        _ => Ok(()),
-    }
-}
-
-/// The size part of [`check_record`]: key plus value, at most `limits.max_record_bytes`.
+/// Checks a record's size before it is parsed: key plus value, at most
+/// `limits.max_record_bytes` (`too_large`).
 pub fn check_size(
     limits: &LimitsConfig,
     key: Option<&[u8]>,
@@ -229,7 +215,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::event::{self, json, Action, Click, Review, Search};
+    use crate::event::{self, json, Action, Click, Format, Review, Search};
 
     /// 2026-12-01, a broker timestamp.
     const NOW_MS: i64 = 1_796_083_200_000;
@@ -284,11 +270,11 @@ mod tests {
     fn size_counts_key_and_value_before_parsing() {
         let limits = LimitsConfig { max_record_bytes: 10, ..limits() };
         let check = |key: &[u8], value: &[u8]| {
-            check_record(&limits, Format::Protobuf, Some(key), Some(value)).map_err(|r| r.reason)
+            check_size(&limits, Some(key), Some(value)).map_err(|r| r.reason)
         };
         assert_eq!(check(b"key", b"1234567"), Ok(()));
         assert_eq!(check(b"key", b"12345678"), Err(RejectReason::TooLarge));
-        let err = check_record(&limits, Format::Json, None, Some(&[b'{'; 11])).unwrap_err();
+        let err = check_size(&limits, None, Some(&[b'{'; 11])).unwrap_err();
         assert_eq!(err.detail, "record of 11 bytes is larger than limits.max_record_bytes (10)");
     }
 

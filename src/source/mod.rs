@@ -552,8 +552,9 @@ impl Topics {
     }
 }
 
-/// Decodes a record under the input limits ([`event::limits`]): size and JSON nesting before
-/// it is parsed, then the schema and the limits on the event (text, time around the record's
+/// Decodes a record under the input limits ([`event::limits`]): its size before it is parsed,
+/// and the nesting of JSON that is not one flat object before serde_json reads it, then the
+/// schema and the limits on the event (text, time around the record's
 /// broker timestamp). An `event_id` already in the user's window is found by the store.
 /// The processor and the offline scorer (whose lines have no key and no broker timestamp)
 /// both admit records here.
@@ -564,8 +565,6 @@ pub fn admit(
     payload: Option<&[u8]>,
     broker_time_ms: Option<i64>,
 ) -> Result<Event, Rejection> {
-    // The checks of `limits::check_record`, with JSON's nesting checked only where a record
-    // is not one flat object.
     limits::check_size(limits, key, payload)?;
     let event = match (format, payload) {
         (Format::Json, Some(bytes)) if !bytes.is_empty() => {

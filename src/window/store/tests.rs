@@ -24,6 +24,12 @@ fn store(coalesce_ms: u64) -> Store<i64> {
     Store::new(config, key)
 }
 
+/// The changelog snapshot of the first user due for scoring at `now`, as a restore reads it.
+fn scored_snapshot(store: &mut Store<i64>, now: Instant) -> Snapshot {
+    let (due, _) = store.take_due(now, 10);
+    state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap()
+}
+
 fn event(user: &str, time_ms: i64) -> Event {
     Event {
         user_id: user.into(),
@@ -195,8 +201,7 @@ fn a_changelog_record_whose_key_is_not_a_user_key_is_not_restored() {
     let mut first = store(0);
     let now = Instant::now();
     first.apply(event("u", 1_000), lineage(1, 0), 0, now);
-    let (due, _) = first.take_due(now, 10);
-    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+    let snapshot = scored_snapshot(&mut first, now);
 
     let mut second = store(0);
     let key = second.pseudonymizer.key("u");
@@ -215,8 +220,7 @@ fn records_read_again_after_a_restore_are_scored_but_not_applied_twice() {
     for offset in 0..3 {
         first.apply(event("u", 1_000 + offset), lineage(1, offset), offset, now);
     }
-    let (due, _) = first.take_due(now, 10);
-    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+    let snapshot = scored_snapshot(&mut first, now);
 
     // The next owner restores that snapshot, then reads from an older committed offset.
     let mut second = store(0);
@@ -248,8 +252,7 @@ fn a_record_read_again_is_not_a_duplicate_of_a_later_record_with_its_id() {
     assert!(matches!(first.apply(quit, lineage(0, 50), 50, now), Applied::OptedOut { .. }));
     let again = Event { event_time_ms: 1_001, ..original.clone() };
     assert!(matches!(first.apply(again.clone(), lineage(0, 53), 53, now), Applied::Accepted));
-    let (due, _) = first.take_due(now, 10);
-    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+    let snapshot = scored_snapshot(&mut first, now);
 
     let mut second = store(0);
     let key = second.pseudonymizer.key("u");
@@ -284,8 +287,7 @@ fn exactly_once_does_not_rescore_records_already_in_a_restored_state() {
     let mut first = store(0);
     let now = Instant::now();
     first.apply(event("u", 1_000), lineage(0, 4), 4, now);
-    let (due, _) = first.take_due(now, 10);
-    let snapshot = state::decode(due[0].context.changelog.as_deref().unwrap()).unwrap();
+    let snapshot = scored_snapshot(&mut first, now);
 
     let mut second = store(0);
     second.config.rescore_restored = false;
