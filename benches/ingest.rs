@@ -4,11 +4,11 @@
 //! Starts a Tansu broker from `.tools/bin` on a free loopback port, writes the real Taobao
 //! slice into a JSON topic of four partitions keyed by user, then reads it back to its end with
 //! fresh consumer groups, alternately. The raw side polls and counts. The other is laid out as
-//! the processor is: a polling thread copies the records that were ready together, up to 256,
-//! into one batch (an emptied one handed back, where one waits) and hands it over a bounded
-//! channel; another thread admits each record with the processor's checks (input limits,
-//! decoding) and applies it to a real `Store` (pseudonymisation, duplicates, watermarks,
-//! windows, interests, coalescing bookkeeping).
+//! the processor is: a polling thread admits each record with the processor's checks (input
+//! limits, decoding, validation) as it copies the records that were ready together, up to 256,
+//! into one batch (an emptied one handed back, where one waits), and hands it over a bounded
+//! channel; another thread applies each event to a real `Store` (pseudonymisation,
+//! duplicates, watermarks, windows, interests, coalescing bookkeeping).
 //! Metrics, offset tracking and the dead-letter topic are left out. Both sides set
 //! `fetch.queue.backoff.ms` as the processor does. Each side is timed five times and the
 //! median kept, with the CPU time of the process and of its threads. The slice is written five
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use mindstream::config::LimitsConfig;
 use mindstream::event::Format;
 use mindstream::privacy::Pseudonymizer;
-use mindstream::source::RecordBatch;
+use mindstream::source::{Admission, RecordBatch};
 use mindstream::window::Lineage;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -204,9 +204,9 @@ fn median_read(mut reads: Vec<Read>) -> Read {
 }
 
 /// Reads the topic to `total` records with a fresh group. The raw side polls and counts. The
-/// windowed side is laid out as the processor is: a thread polls and hands the records over a
-/// bounded channel in batches of those that were ready together, and another decodes each
-/// record and applies it to a store.
+/// windowed side is laid out as the processor is: a thread polls, admits each record and hands
+/// the records over a bounded channel in batches of those that were ready together, and
+/// another applies each event to a store.
 fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", address)
@@ -248,6 +248,7 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
     let polling = consumer.clone();
     let poller = std::thread::spawn(move || {
         let consumer = polling;
+        let admission = Admission::with_inputs(LimitsConfig::default(), [(TOPIC, Format::Json)]);
         let mut seen = 0;
         let mut cpu = 0.0;
         while seen < total {
@@ -260,11 +261,13 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
             seen += 1;
             let mut polled =
                 spares.try_recv().unwrap_or_else(|_| RecordBatch::with_capacity(batch, 64 * 1024));
-            polled.push(&message.expect("record"));
+            let message = message.expect("record");
+            polled.push(&message, &admission);
             while polled.len() < batch && seen < total {
                 let Some(message) = consumer.poll(Duration::ZERO) else { break };
                 seen += 1;
-                polled.push(&message.expect("record"));
+                let message = message.expect("record");
+                polled.push(&message, &admission);
             }
             if sender.send(polled).is_err() {
                 break;
@@ -273,27 +276,18 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
         thread_cpu() - cpu
     });
     let mut store = common::processor_store();
-    let limits = LimitsConfig::default();
     let topic: Arc<str> = TOPIC.into();
     let now = Instant::now();
     let mut window_cpu = None;
     for mut polled in records.iter() {
         window_cpu.get_or_insert_with(thread_cpu);
-        for record in polled.iter() {
+        for (record, admitted) in polled.admitted() {
             let lineage = Lineage {
                 topic: topic.clone(),
                 partition: record.partition(),
                 offset: record.offset(),
             };
-            let time = record.timestamp().to_millis();
-            let admitted = mindstream::source::admit(
-                &limits,
-                Format::Json,
-                record.key(),
-                record.payload(),
-                time,
-            );
-            if let Ok(event) = admitted {
+            if let Some(Ok(event)) = admitted {
                 let _ = store.apply(event, lineage, (), now);
             }
         }

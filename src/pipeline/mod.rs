@@ -45,7 +45,6 @@ use tokio::sync::mpsc;
 use crate::actions::{Actions, ActionsError, Marks};
 use crate::config::Config;
 use crate::config::DeliveryMode;
-use crate::config::LimitsConfig;
 use crate::console::{Console, WindowRequest};
 use crate::event::limits;
 use crate::event::Rejection;
@@ -57,7 +56,9 @@ use crate::model::scorer::ModelError;
 use crate::model::LoadedModel;
 use crate::offsets::{OffsetRef, OffsetTracker, Partition};
 use crate::sink::{Owner, Sink, SinkError};
-use crate::source::{self, Polled, Record, RestoreError, Shared, Source, SourceConsumer, Topics};
+use crate::source::{
+    self, Admitted, Polled, Record, RestoreError, Shared, Source, SourceConsumer, Topics,
+};
 use crate::window::store::{Applied, Scoring, Store, StoreConfig};
 use crate::window::Lineage;
 
@@ -137,8 +138,6 @@ struct Processor {
     rejections: RejectionLog,
     /// Partitions whose lag gauge was set, to zero it once they are no longer assigned.
     lag_reported: std::collections::HashSet<Partition>,
-    /// What an input record may be beyond its schema.
-    limits: LimitsConfig,
     /// Bytes of key and value a dead-letter record may carry.
     dead_letter_room: usize,
     /// The console's aggregates, when it is on.
@@ -254,7 +253,6 @@ pub async fn run(
         records_in: 0,
         rejections: RejectionLog::default(),
         lag_reported: std::collections::HashSet::new(),
-        limits: config.limits.clone(),
         dead_letter_room: limits::dead_letter_room(&config),
         console,
         windows,
@@ -323,9 +321,9 @@ impl Processor {
                     None => self.windows = None,
                 },
                 polled = source.recv() => match polled {
-                    Polled::Records(records) => {
-                        for record in records.iter() {
-                            self.handle(record).await;
+                    Polled::Records(mut records) => {
+                        for (record, admitted) in records.admitted() {
+                            self.handle(record, admitted).await;
                         }
                         source.recycle(records);
                     }
@@ -343,16 +341,17 @@ impl Processor {
         }
     }
 
-    /// One input record: decode, then window or DLQ.
-    async fn handle(&mut self, message: Record<'_>) {
+    /// One input record, admitted on the polling thread: window its event, or send it to the
+    /// DLQ.
+    async fn handle(&mut self, message: Record<'_>, admitted: Admitted) {
         self.health.broker_down.store(false, Ordering::SeqCst);
         self.last_record = Instant::now();
         self.records_in += 1;
-        let Some(input) = self.topics.get(message.topic()) else {
+        let (Some(input), Some(admitted)) = (self.topics.get(message.topic()), admitted) else {
             tracing::warn!(topic = message.topic(), "record from a topic not subscribed");
             return;
         };
-        let (topic, format) = (input.name.clone(), input.format);
+        let topic = input.name.clone();
         if !self.held.contains(&message.partition()) {
             // Read before its partition was revoked; the next owner reads it again.
             return;
@@ -365,8 +364,7 @@ impl Processor {
         let token = OffsetRef { partition, offset, timestamp_ms: message.timestamp().to_millis() };
 
         let lineage = Lineage { topic: topic.clone(), partition: message.partition(), offset };
-        let (key, payload, time) = (message.key(), message.payload(), message.timestamp());
-        let event = match source::admit(&self.limits, format, key, payload, time.to_millis()) {
+        let event = match admitted {
             Ok(event) => event,
             Err(rejection) => return self.reject(message, rejection, token).await,
         };

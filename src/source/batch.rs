@@ -5,18 +5,30 @@
 //! value) and as many frees on the pipeline's thread; a batch copies its records' bytes into
 //! one buffer instead, so a batch of a few hundred records costs two allocations, and none
 //! once the pipeline hands its emptied batches back to be filled again.
+//!
+//! Each record is admitted ([`super::admit`]) as it is copied in, on the polling thread, so
+//! decoding overlaps the pipeline's windowing of the batch before.
 
 use std::ops::Range;
 
 use rdkafka::message::{BorrowedMessage, Message, Timestamp};
 
-/// Records in the order polled.
+use super::Admission;
+use crate::event::{Event, Rejection};
+
+/// Records in the order polled, each with what its admission made of it.
 #[derive(Default)]
 pub struct RecordBatch {
     /// Topic names, keys and values, back to back.
     bytes: Vec<u8>,
     records: Vec<Meta>,
+    /// One per record: its event or the reason it is rejected; `None` for a record of a topic
+    /// that is not an input.
+    admitted: Vec<Admitted>,
 }
+
+/// What admission made of one record; `None` for a record of a topic that is not an input.
+pub type Admitted = Option<Result<Event, Rejection>>;
 
 /// Where one record's parts lie in the batch's bytes, and its position.
 struct Meta {
@@ -38,18 +50,20 @@ pub struct Record<'a> {
 impl RecordBatch {
     /// An empty batch with room for `records` records of about `bytes` bytes in all.
     pub fn with_capacity(records: usize, bytes: usize) -> RecordBatch {
-        RecordBatch { bytes: Vec::with_capacity(bytes), records: Vec::with_capacity(records) }
+        RecordBatch {
+            bytes: Vec::with_capacity(bytes),
+            records: Vec::with_capacity(records),
+            admitted: Vec::with_capacity(records),
+        }
     }
 
-    /// Copies a polled record in.
-    pub fn push(&mut self, message: &BorrowedMessage<'_>) {
-        self.push_parts(
-            message.topic(),
-            message.key(),
-            message.payload(),
-            (message.partition(), message.offset()),
-            message.timestamp(),
-        );
+    /// Admits a polled record and copies it in.
+    pub fn push(&mut self, message: &BorrowedMessage<'_>, admission: &Admission) {
+        let (topic, key, payload) = (message.topic(), message.key(), message.payload());
+        let timestamp = message.timestamp();
+        let admitted = admission.admit(topic, key, payload, timestamp);
+        let position = (message.partition(), message.offset());
+        self.push_parts(topic, key, payload, position, timestamp, admitted);
     }
 
     fn push_parts(
@@ -59,11 +73,13 @@ impl RecordBatch {
         payload: Option<&[u8]>,
         (partition, offset): (i32, i64),
         timestamp: Timestamp,
+        admitted: Admitted,
     ) {
         let topic = self.append(Some(topic.as_bytes())).expect("a topic name");
         let key = self.append(key);
         let payload = self.append(payload);
         self.records.push(Meta { topic, key, payload, partition, offset, timestamp });
+        self.admitted.push(admitted);
     }
 
     fn append(&mut self, part: Option<&[u8]>) -> Option<Range<usize>> {
@@ -78,6 +94,7 @@ impl RecordBatch {
     pub fn clear(&mut self) {
         self.bytes.clear();
         self.records.clear();
+        self.admitted.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -90,6 +107,17 @@ impl RecordBatch {
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = Record<'_>> {
         self.records.iter().map(|meta| Record { bytes: &self.bytes, meta })
+    }
+
+    /// The records in order, each with what its admission made of it. The admissions are
+    /// moved out, so the batch is read this way once, then cleared.
+    pub fn admitted(&mut self) -> impl ExactSizeIterator<Item = (Record<'_>, Admitted)> {
+        let RecordBatch { bytes, records, admitted } = self;
+        let bytes = &*bytes;
+        records
+            .iter()
+            .zip(admitted.iter_mut())
+            .map(move |(meta, admitted)| (Record { bytes, meta }, admitted.take()))
     }
 }
 
@@ -124,15 +152,18 @@ impl<'a> Record<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::RejectReason;
 
     #[test]
     fn records_come_back_in_order_with_absent_and_empty_parts_apart() {
         let mut batch = RecordBatch::with_capacity(4, 64);
         assert!(batch.is_empty());
         let time = Timestamp::CreateTime(1_511_658_000_000);
-        batch.push_parts("clicks", Some(b"u1"), Some(b"{\"a\":1}"), (3, 41), time);
-        batch.push_parts("clicks", None, None, (3, 42), Timestamp::NotAvailable);
-        batch.push_parts("reviews", Some(b""), Some(b""), (0, 7), Timestamp::LogAppendTime(5));
+        let empty = || Some(Err(Rejection::new(RejectReason::Malformed, "empty record")));
+        batch.push_parts("clicks", Some(b"u1"), Some(b"{\"a\":1}"), (3, 41), time, None);
+        batch.push_parts("clicks", None, None, (3, 42), Timestamp::NotAvailable, empty());
+        let at = Timestamp::LogAppendTime(5);
+        batch.push_parts("reviews", Some(b""), Some(b""), (0, 7), at, empty());
         assert_eq!(batch.len(), 3);
         let seen: Vec<_> = batch
             .iter()
@@ -146,10 +177,17 @@ mod tests {
                 ("reviews", Some(&b""[..]), Some(&b""[..]), 0, 7, Timestamp::LogAppendTime(5)),
             ]
         );
+        let admitted: Vec<_> = batch.admitted().map(|(r, a)| (r.offset(), a)).collect();
+        assert_eq!(admitted, [(41, None), (42, empty()), (7, empty())]);
         batch.clear();
         assert!(batch.is_empty());
-        batch.push_parts("reviews", None, Some(b"x"), (1, 9), time);
+        let event = crate::event::decode(crate::event::Format::Json, CLICK).expect("a click");
+        batch.push_parts("reviews", None, Some(b"x"), (1, 9), time, Some(Ok(event.clone())));
         let seen: Vec<_> = batch.iter().map(|r| (r.topic(), r.key(), r.payload())).collect();
         assert_eq!(seen, [("reviews", None, Some(&b"x"[..]))]);
+        let admitted: Vec<_> = batch.admitted().map(|(r, a)| (r.offset(), a)).collect();
+        assert_eq!(admitted, [(9, Some(Ok(event)))]);
     }
+
+    const CLICK: &[u8] = br#"{"user_id":"u1","event_id":"e1","event_time":1511658000000,"kind":"click","action":"view","item_id":"i1"}"#;
 }

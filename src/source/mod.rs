@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{BorrowedMessage, Timestamp};
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -35,7 +35,7 @@ use crate::state::Snapshot;
 mod batch;
 mod restore;
 
-pub use batch::{Record, RecordBatch};
+pub use batch::{Admitted, Record, RecordBatch};
 pub use restore::RestoreError;
 use restore::Restorer;
 
@@ -87,6 +87,8 @@ pub struct SourceContext {
     /// Records polled and not yet handed over. Only the polling thread touches it (rebalance
     /// callbacks run inside its `poll`), and anything else handed over goes after them.
     polled: Mutex<RecordBatch>,
+    /// Decodes and checks each record as it is polled.
+    admission: Admission,
     /// Emptied batches handed back by the pipeline ([`Source::recycle`]), filled again instead
     /// of new ones.
     spare: Mutex<std_mpsc::Receiver<RecordBatch>>,
@@ -212,10 +214,10 @@ impl SourceContext {
         );
     }
 
-    /// Keeps a polled record for the next handover; returns how many are kept.
+    /// Admits a polled record and keeps it for the next handover; returns how many are kept.
     fn keep(&self, message: &BorrowedMessage<'_>) -> usize {
         let mut polled = self.polled.lock().expect("polled records lock poisoned");
-        polled.push(message);
+        polled.push(message, &self.admission);
         polled.len()
     }
 
@@ -359,6 +361,7 @@ impl Source {
             restoring: shared.restoring,
             to_pipeline: sender,
             polled: Mutex::new(RecordBatch::with_capacity(HANDOVER_BATCH, BATCH_BYTES)),
+            admission: Admission::new(config),
             spare: Mutex::new(spares),
             stopping: stop.clone(),
             restorer: Restorer::new(config),
@@ -552,6 +555,42 @@ impl Topics {
     }
 }
 
+/// Admission on the polling thread: each input topic's format and the input limits. Decoding
+/// there overlaps the pipeline's windowing of the batch before; the pipeline then only windows
+/// the events, or sends the rejected records to the DLQ.
+pub struct Admission {
+    inputs: Vec<(Box<str>, Format)>,
+    limits: LimitsConfig,
+}
+
+impl Admission {
+    /// The configured inputs and limits.
+    pub fn new(config: &Config) -> Admission {
+        let inputs = config.inputs.iter().map(|i| (i.topic.as_str(), i.format));
+        Admission::with_inputs(config.limits.clone(), inputs)
+    }
+
+    pub fn with_inputs<'a>(
+        limits: LimitsConfig,
+        inputs: impl IntoIterator<Item = (&'a str, Format)>,
+    ) -> Admission {
+        let inputs = inputs.into_iter().map(|(topic, format)| (topic.into(), format)).collect();
+        Admission { inputs, limits }
+    }
+
+    /// [`admit`] with the topic's format; `None` for a topic that is not an input.
+    pub fn admit(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        timestamp: Timestamp,
+    ) -> Admitted {
+        let &(_, format) = self.inputs.iter().find(|(name, _)| **name == *topic)?;
+        Some(admit(&self.limits, format, key, payload, timestamp.to_millis()))
+    }
+}
+
 /// Decodes a record under the input limits ([`event::limits`]): its size before it is parsed,
 /// and the nesting of JSON that is not one flat object before serde_json reads it, then the
 /// schema and the limits on the event (text, time around the record's
@@ -580,5 +619,37 @@ pub fn decode(format: Format, payload: Option<&[u8]>) -> Result<Event, Rejection
     match payload {
         None | Some([]) => Err(Rejection::new(RejectReason::Malformed, "empty record")),
         Some(bytes) => event::decode(format, bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLICK: &[u8] = br#"{"user_id":"u1","event_id":"e1","event_time":1511658000000,"kind":"click","action":"cart","item_id":"i1","category_id":"c1","price":9.5}"#;
+
+    #[test]
+    fn admission_reads_each_input_in_its_format_under_the_limits() {
+        let limits = LimitsConfig { max_record_bytes: 1024, ..LimitsConfig::default() };
+        let inputs = [("clicks", Format::Json), ("clicks-pb", Format::Protobuf)];
+        let admission = Admission::with_inputs(limits, inputs);
+        let event = event::decode(Format::Json, CLICK).expect("a click");
+        let time = Timestamp::CreateTime(event.event_time_ms);
+        let proto = event::encode(Format::Protobuf, &event);
+        let admit = |topic, payload: &[u8]| admission.admit(topic, None, Some(payload), time);
+        assert_eq!(admit("clicks", CLICK), Some(Ok(event.clone())));
+        assert_eq!(admit("clicks-pb", &proto), Some(Ok(event)));
+        let reason = |admitted: Admitted| admitted.and_then(Result::err).map(|r| r.reason);
+        // Each topic is read in its own format only.
+        assert_eq!(reason(admit("clicks", &proto)), Some(RejectReason::Malformed));
+        let large = [b" ".repeat(1024), CLICK.to_vec()].concat();
+        assert_eq!(reason(admit("clicks", &large)), Some(RejectReason::TooLarge));
+        // The event time is checked against the broker's timestamp: two hours ahead of it is
+        // more than `limits.max_future` allows.
+        let earlier = Timestamp::CreateTime(1_511_658_000_000 - 2 * 3_600_000);
+        let admitted = admission.admit("clicks", None, Some(CLICK), earlier);
+        assert_eq!(reason(admitted), Some(RejectReason::TimeOutOfRange));
+        // A topic that is not an input is left to the pipeline, which skips it.
+        assert_eq!(admit("elsewhere", CLICK), None);
     }
 }
