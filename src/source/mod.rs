@@ -324,8 +324,9 @@ pub type SourceConsumer = BaseConsumer<SourceContext>;
 pub const POLLED_CAPACITY: usize = 8;
 /// Most records handed over as one item.
 pub const HANDOVER_BATCH: usize = 256;
-/// Emptied batches kept for the polling thread to fill again.
-pub const SPARE_BATCHES: usize = 2;
+/// Emptied batches kept for the polling thread to fill again: as many as can be in flight, so
+/// that a steady stream of records allocates no batch.
+pub const SPARE_BATCHES: usize = POLLED_CAPACITY + 2;
 /// Room reserved for a batch's bytes: 256 records of about 250 bytes with their topic names.
 const BATCH_BYTES: usize = 64 * 1024;
 /// Longest one poll waits, and so the longest the thread takes to notice a stop.
