@@ -189,5 +189,6 @@ mod tests {
         assert_eq!(admitted, [(9, Some(Ok(event)))]);
     }
 
-    const CLICK: &[u8] = br#"{"user_id":"u1","event_id":"e1","event_time":1511658000000,"kind":"click","action":"view","item_id":"i1"}"#;
+    const CLICK: &[u8] = br#"{"user_id":"u1","event_id":"e1","event_time":1511658000000,
+        "kind":"click","action":"view","item_id":"i1"}"#;
 }

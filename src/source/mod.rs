@@ -1,6 +1,6 @@
 //! The consumer side: a consumer group over the input topics, the restore of each assigned
-//! partition's user state from the changelog, and the decoding of each record into an
-//! [`Event`] or a [`Rejection`] for the DLQ.
+//! partition's user state from the changelog, and the admission of each record, as it is
+//! polled, into an event or a rejection for the DLQ ([`Admission`]).
 //!
 //! Offsets are never committed automatically; the pipeline commits what the offset tracker
 //! says is done. Everything the pipeline learns from the consumer travels over one ordered
@@ -22,19 +22,21 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Timestamp};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, DeliveryMode, LimitsConfig};
-use crate::event::{self, limits, Event, EventKind, Format, RejectReason, Rejection};
+use crate::config::{Config, DeliveryMode};
+use crate::event::{EventKind, Format};
 use crate::metrics as m;
 use crate::offsets::{self, OffsetTracker, Partition};
 use crate::state::Snapshot;
 
+mod admission;
 mod batch;
 mod restore;
 
+pub use admission::{admit, decode, Admission};
 pub use batch::{Admitted, Record, RecordBatch};
 pub use restore::RestoreError;
 use restore::Restorer;
@@ -553,104 +555,5 @@ impl Topics {
 
     pub fn get(&self, topic: &str) -> Option<&Input> {
         self.by_name.get(topic)
-    }
-}
-
-/// Admission on the polling thread: each input topic's format and the input limits. Decoding
-/// there overlaps the pipeline's windowing of the batch before; the pipeline then only windows
-/// the events, or sends the rejected records to the DLQ.
-pub struct Admission {
-    inputs: Vec<(Box<str>, Format)>,
-    limits: LimitsConfig,
-}
-
-impl Admission {
-    /// The configured inputs and limits.
-    pub fn new(config: &Config) -> Admission {
-        let inputs = config.inputs.iter().map(|i| (i.topic.as_str(), i.format));
-        Admission::with_inputs(config.limits.clone(), inputs)
-    }
-
-    pub fn with_inputs<'a>(
-        limits: LimitsConfig,
-        inputs: impl IntoIterator<Item = (&'a str, Format)>,
-    ) -> Admission {
-        let inputs = inputs.into_iter().map(|(topic, format)| (topic.into(), format)).collect();
-        Admission { inputs, limits }
-    }
-
-    /// [`admit`] with the topic's format; `None` for a topic that is not an input.
-    pub fn admit(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        timestamp: Timestamp,
-    ) -> Admitted {
-        let &(_, format) = self.inputs.iter().find(|(name, _)| **name == *topic)?;
-        Some(admit(&self.limits, format, key, payload, timestamp.to_millis()))
-    }
-}
-
-/// Decodes a record under the input limits ([`event::limits`]): its size before it is parsed,
-/// and the nesting of JSON that is not one flat object before serde_json reads it, then the
-/// schema and the limits on the event (text, time around the record's
-/// broker timestamp). An `event_id` already in the user's window is found by the store.
-/// The processor and the offline scorer (whose lines have no key and no broker timestamp)
-/// both admit records here.
-pub fn admit(
-    limits: &LimitsConfig,
-    format: Format,
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-    broker_time_ms: Option<i64>,
-) -> Result<Event, Rejection> {
-    limits::check_size(limits, key, payload)?;
-    let event = match (format, payload) {
-        (Format::Json, Some(bytes)) if !bytes.is_empty() => {
-            event::json::decode_nested_at_most(bytes, Some(limits.max_json_depth))?
-        }
-        _ => decode(format, payload)?,
-    };
-    limits::check_event(limits, event, broker_time_ms)
-}
-
-/// Decodes a record's payload. An absent payload (a tombstone) is malformed input.
-pub fn decode(format: Format, payload: Option<&[u8]>) -> Result<Event, Rejection> {
-    match payload {
-        None | Some([]) => Err(Rejection::new(RejectReason::Malformed, "empty record")),
-        Some(bytes) => event::decode(format, bytes),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CLICK: &[u8] = br#"{"user_id":"u1","event_id":"e1","event_time":1511658000000,"kind":"click","action":"cart","item_id":"i1","category_id":"c1","price":9.5}"#;
-
-    #[test]
-    fn admission_reads_each_input_in_its_format_under_the_limits() {
-        let limits = LimitsConfig { max_record_bytes: 1024, ..LimitsConfig::default() };
-        let inputs = [("clicks", Format::Json), ("clicks-pb", Format::Protobuf)];
-        let admission = Admission::with_inputs(limits, inputs);
-        let event = event::decode(Format::Json, CLICK).expect("a click");
-        let time = Timestamp::CreateTime(event.event_time_ms);
-        let proto = event::encode(Format::Protobuf, &event);
-        let admit = |topic, payload: &[u8]| admission.admit(topic, None, Some(payload), time);
-        assert_eq!(admit("clicks", CLICK), Some(Ok(event.clone())));
-        assert_eq!(admit("clicks-pb", &proto), Some(Ok(event)));
-        let reason = |admitted: Admitted| admitted.and_then(Result::err).map(|r| r.reason);
-        // Each topic is read in its own format only.
-        assert_eq!(reason(admit("clicks", &proto)), Some(RejectReason::Malformed));
-        let large = [b" ".repeat(1024), CLICK.to_vec()].concat();
-        assert_eq!(reason(admit("clicks", &large)), Some(RejectReason::TooLarge));
-        // The event time is checked against the broker's timestamp: two hours ahead of it is
-        // more than `limits.max_future` allows.
-        let earlier = Timestamp::CreateTime(1_511_658_000_000 - 2 * 3_600_000);
-        let admitted = admission.admit("clicks", None, Some(CLICK), earlier);
-        assert_eq!(reason(admitted), Some(RejectReason::TimeOutOfRange));
-        // A topic that is not an input is left to the pipeline, which skips it.
-        assert_eq!(admit("elsewhere", CLICK), None);
     }
 }
