@@ -1,12 +1,13 @@
 //! Input limits: what a record may be beyond its schema.
 //!
 //! Receives a record's raw key and value before they are parsed ([`check_size`], and
-//! [`check_json_depth`] for JSON that is not one flat object) and the decoded event with the record's broker timestamp ([`check_event`]: ids,
-//! text lengths, `sort` and `language`, price, event time), each with the configured
-//! [`LimitsConfig`], and hands back the event or a [`Rejection`] for the dead-letter topic.
-//! The processor and the offline scorer call them in the same order, so both reject the same
-//! records. Duplicate `event_id`s need the user's window and are found by the store
-//! ([`crate::window::store::Store::apply`]), which also keys the user only once.
+//! [`check_json_depth`] for JSON that is not one flat object) and the decoded event with the
+//! record's broker timestamp ([`check_event`]: ids, text lengths, `sort` and `language`,
+//! price, event time), each with the configured [`LimitsConfig`], and hands back the event or
+//! a [`Rejection`] for the dead-letter topic. The processor and the offline scorer call them
+//! in the same order, so both reject the same records. Duplicate `event_id`s need the user's
+//! window and are found by the store ([`crate::window::store::Store::apply`]), which also
+//! keys the user only once.
 //!
 //! Everything here is a plain function of its arguments: nothing recurses on a record or
 //! allocates in proportion to it.

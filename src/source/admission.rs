@@ -49,10 +49,9 @@ impl Admission {
 
 /// Decodes a record under the input limits ([`event::limits`]): its size before it is parsed,
 /// and the nesting of JSON that is not one flat object before serde_json reads it, then the
-/// schema and the limits on the event (text, time around the record's
-/// broker timestamp). An `event_id` already in the user's window is found by the store.
-/// The processor and the offline scorer (whose lines have no key and no broker timestamp)
-/// both admit records here.
+/// schema and the limits on the event (text, time around the record's broker timestamp). An
+/// `event_id` already in the user's window is found by the store. The processor and the
+/// offline scorer (whose lines have no key and no broker timestamp) both admit records here.
 pub fn admit(
     limits: &LimitsConfig,
     format: Format,
