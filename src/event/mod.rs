@@ -204,7 +204,11 @@ fn check_optional_id(field: &'static str, value: &str) -> Result<(), Rejection> 
     if value.len() > MAX_ID_BYTES {
         return Err(Rejection::invalid(field, "longer than 256 bytes"));
     }
-    let control = if value.is_ascii() {
+    // Printable ASCII, nearly every id, needs one pass.
+    let printable = value.bytes().all(|b| (0x20..0x7f).contains(&b));
+    let control = if printable {
+        false
+    } else if value.is_ascii() {
         value.bytes().any(|b| b.is_ascii_control())
     } else {
         value.chars().any(char::is_control)

@@ -23,9 +23,8 @@ pub(super) fn parse(bytes: &[u8]) -> Option<Incoming<'_>> {
         cursor.at += 1;
     } else {
         loop {
-            let key = cursor.raw_string()?;
+            let field = cursor.key()?;
             cursor.expect(b':')?;
-            let field = Field::named(key)?;
             // serde rejects a repeated field, even one that was `null` the first time.
             let bit = 1 << field as u32;
             if seen & bit != 0 {
@@ -66,26 +65,25 @@ enum Field {
 }
 
 impl Field {
-    /// The field a key names. Keys are told apart by length first, so each is compared with
-    /// at most four names.
-    fn named(key: &[u8]) -> Option<Field> {
-        let field = |name: &[u8], field: Field| (key == name).then_some(field);
-        match key.len() {
-            4 => field(b"kind", Field::Kind)
-                .or_else(|| field(b"sort", Field::Sort))
-                .or_else(|| field(b"text", Field::Text)),
-            5 => field(b"price", Field::Price).or_else(|| field(b"query", Field::Query)),
-            6 => field(b"action", Field::Action).or_else(|| field(b"rating", Field::Rating)),
-            7 => field(b"user_id", Field::UserId)
-                .or_else(|| field(b"item_id", Field::ItemId))
-                .or_else(|| field(b"opt_out", Field::OptOut)),
-            8 => field(b"event_id", Field::EventId)
-                .or_else(|| field(b"discount", Field::Discount))
-                .or_else(|| field(b"quantity", Field::Quantity))
-                .or_else(|| field(b"language", Field::Language)),
-            10 => field(b"event_time", Field::EventTime),
-            11 => field(b"category_id", Field::CategoryId),
-            _ => None,
+    /// The field's name as records spell it.
+    fn name(self) -> &'static [u8] {
+        match self {
+            Field::UserId => b"user_id",
+            Field::EventId => b"event_id",
+            Field::EventTime => b"event_time",
+            Field::OptOut => b"opt_out",
+            Field::Kind => b"kind",
+            Field::Action => b"action",
+            Field::ItemId => b"item_id",
+            Field::CategoryId => b"category_id",
+            Field::Price => b"price",
+            Field::Discount => b"discount",
+            Field::Quantity => b"quantity",
+            Field::Query => b"query",
+            Field::Sort => b"sort",
+            Field::Rating => b"rating",
+            Field::Text => b"text",
+            Field::Language => b"language",
         }
     }
 }
@@ -103,6 +101,30 @@ static ENDS_STRING: [bool; 256] = {
     ends[b'\\' as usize] = true;
     ends
 };
+
+/// Where a plain string stops in `rest` (the first byte [`ENDS_STRING`] marks), eight bytes
+/// at a time: a byte is found equal to the quote or the backslash, or below 0x20, by the
+/// borrow of subtracting from it. The lowest marked byte of each test is exact, and so is the
+/// lowest of the three together.
+fn string_end(rest: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH_BITS: u64 = u64::from_le_bytes([0x80; 8]);
+    let zero_bytes = |word: u64| word.wrapping_sub(ONES) & !word;
+    let mut at = 0;
+    while let Some(chunk) = rest.get(at..at + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let marked = (zero_bytes(word ^ (ONES * u64::from(b'"')))
+            | zero_bytes(word ^ (ONES * u64::from(b'\\')))
+            | (word.wrapping_sub(ONES * 0x20) & !word))
+            & HIGH_BITS;
+        if marked != 0 {
+            return Some(at + marked.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    let tail = rest[at..].iter().position(|&byte| ENDS_STRING[usize::from(byte)])?;
+    Some(at + tail)
+}
 
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -139,18 +161,46 @@ impl<'a> Cursor<'a> {
         std::str::from_utf8(self.raw_string()?).ok()
     }
 
-    /// The bytes of a string without escapes or control characters. Keys are read so: they
-    /// are only compared with the field names, which are ASCII.
+    /// The bytes of a string without escapes or control characters.
     fn raw_string(&mut self) -> Option<&'a [u8]> {
         self.expect(b'"')?;
         let rest = &self.bytes[self.at..];
-        // Ids and words are short: one plain pass beats a vectorised search's setup.
-        let end = rest.iter().position(|&byte| ENDS_STRING[usize::from(byte)])?;
+        let end = string_end(rest)?;
         if rest[end] != b'"' {
             return None;
         }
         self.at += end + 1;
         Some(&rest[..end])
+    }
+
+    /// A key that is one of the fields' names, closed by its quote: compared in place rather
+    /// than scanned for its end first (each comparison is of a constant length, which the
+    /// compiler reads as a few words). Any other key, or one with an escape, is `None`.
+    fn key(&mut self) -> Option<Field> {
+        self.expect(b'"')?;
+        let rest = &self.bytes[self.at..];
+        let is = |name: &[u8]| rest.starts_with(name);
+        let field = match rest.first()? {
+            b'u' if is(b"user_id\"") => Field::UserId,
+            b'e' if is(b"event_id\"") => Field::EventId,
+            b'e' if is(b"event_time\"") => Field::EventTime,
+            b'o' if is(b"opt_out\"") => Field::OptOut,
+            b'k' if is(b"kind\"") => Field::Kind,
+            b'a' if is(b"action\"") => Field::Action,
+            b'i' if is(b"item_id\"") => Field::ItemId,
+            b'c' if is(b"category_id\"") => Field::CategoryId,
+            b'p' if is(b"price\"") => Field::Price,
+            b'd' if is(b"discount\"") => Field::Discount,
+            b'q' if is(b"quantity\"") => Field::Quantity,
+            b'q' if is(b"query\"") => Field::Query,
+            b's' if is(b"sort\"") => Field::Sort,
+            b'r' if is(b"rating\"") => Field::Rating,
+            b't' if is(b"text\"") => Field::Text,
+            b'l' if is(b"language\"") => Field::Language,
+            _ => return None,
+        };
+        self.at += field.name().len() + 1;
+        Some(field)
     }
 
     /// Consumes `word` (`null`, `true`, `false`) if it comes next.
@@ -167,15 +217,21 @@ impl<'a> Cursor<'a> {
     /// or an exponent.
     fn whole(&mut self) -> Option<u64> {
         let start = self.at;
-        let digits = self.digits();
-        let text = &self.bytes[start..self.at];
-        if digits == 0 || digits > 18 || (digits > 1 && text[0] == b'0') {
+        // Accumulated as the digits are read; more than 18 are refused below, so the value
+        // wraps only when it is not used.
+        let mut value = 0u64;
+        while let Some(&digit @ b'0'..=b'9') = self.bytes.get(self.at) {
+            value = value.wrapping_mul(10).wrapping_add(u64::from(digit - b'0'));
+            self.at += 1;
+        }
+        let digits = self.at - start;
+        if digits == 0 || digits > 18 || (digits > 1 && self.bytes[start] == b'0') {
             return None;
         }
         if let Some(b'.' | b'e' | b'E') = self.bytes.get(self.at) {
             return None;
         }
-        Some(text.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+        Some(value)
     }
 
     /// A decimal without exponent, `-?(0|[1-9][0-9]*)(\.[0-9]+)?`, of at most 40 bytes, read
@@ -307,6 +363,53 @@ mod tests {
         for record in records {
             assert_eq!(parse(record), None, "{}", String::from_utf8_lossy(record));
         }
+    }
+
+    #[test]
+    fn finds_a_string_end_as_a_byte_by_byte_scan_does() {
+        let scan = |rest: &[u8]| rest.iter().position(|&byte| ENDS_STRING[usize::from(byte)]);
+        // Every stop byte and some that are not, at every offset of strings of up to 24
+        // bytes, so that each lands in every lane of a word and in the tail.
+        let stops = [b'"', b'\\', 0x00, 0x1f, b'\n'];
+        let fillers = [b'a', b' ', 0x20, 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff];
+        for len in 0..24 {
+            for &filler in &fillers {
+                let plain = vec![filler; len];
+                assert_eq!(string_end(&plain), scan(&plain), "{plain:?}");
+                for at in 0..len {
+                    for &stop in &stops {
+                        let mut bytes = plain.clone();
+                        bytes[at] = stop;
+                        assert_eq!(string_end(&bytes), Some(at), "{bytes:?}");
+                    }
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..20_000 {
+            let bytes: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+            assert_eq!(string_end(&bytes), scan(&bytes), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn takes_only_whole_field_names_as_keys() {
+        for record in [
+            &br#"{"user_idx":"u"}"#[..],
+            br#"{"user_i":"u"}"#,
+            br#"{"event_tim":5}"#,
+            br#"{"event_":"e"}"#,
+            br#"{"querys":"q"}"#,
+            br#"{"":"u"}"#,
+            br#"{"user_id"#,
+            br#"{"user_id""#,
+            br#"{"e"#,
+        ] {
+            assert_eq!(parse(record), None, "{}", String::from_utf8_lossy(record));
+        }
+        let record = br#"{"event_time":5,"event_id":"e","quantity":2,"query":"q"}"#;
+        assert_eq!(parse(record), serde(record));
+        assert!(parse(record).is_some());
     }
 
     /// Random records built from the fields' usual and unusual values, then damaged at random:
