@@ -15,7 +15,10 @@ use super::Incoming;
 
 /// Reads `bytes` as a plain record, or `None` when serde_json must decide.
 pub(super) fn parse(bytes: &[u8]) -> Option<Incoming<'_>> {
-    let mut cursor = Cursor { bytes, at: 0 };
+    // Checked once here rather than string by string: bytes beyond ASCII can only stand in a
+    // string, so a record that is not UTF-8 is serde_json's to reject anyway.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut cursor = Cursor { text, bytes, at: 0 };
     let mut incoming = Incoming::default();
     let mut seen = 0u32;
     cursor.expect(b'{')?;
@@ -127,6 +130,9 @@ fn string_end(rest: &[u8]) -> Option<usize> {
 }
 
 struct Cursor<'a> {
+    /// The record, known to be UTF-8.
+    text: &'a str,
+    /// The same, as bytes.
     bytes: &'a [u8],
     at: usize,
 }
@@ -156,21 +162,17 @@ impl<'a> Cursor<'a> {
         (self.next()? == byte).then_some(())
     }
 
-    /// A string without escapes or control characters, borrowed from the record.
+    /// A string without escapes or control characters, borrowed from the record. Its ends
+    /// are next to quotes, so always on character boundaries.
     fn string(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.raw_string()?).ok()
-    }
-
-    /// The bytes of a string without escapes or control characters.
-    fn raw_string(&mut self) -> Option<&'a [u8]> {
         self.expect(b'"')?;
-        let rest = &self.bytes[self.at..];
-        let end = string_end(rest)?;
-        if rest[end] != b'"' {
+        let start = self.at;
+        let end = start + string_end(&self.bytes[start..])?;
+        if self.bytes[end] != b'"' {
             return None;
         }
-        self.at += end + 1;
-        Some(&rest[..end])
+        self.at = end + 1;
+        self.text.get(start..end)
     }
 
     /// A key that is one of the fields' names, closed by its quote: compared in place rather
