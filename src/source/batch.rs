@@ -105,10 +105,6 @@ impl RecordBatch {
         self.records.is_empty()
     }
 
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = Record<'_>> {
-        self.records.iter().map(|meta| Record { bytes: &self.bytes, meta })
-    }
-
     /// The records in order, each with what its admission made of it. The admissions are
     /// moved out, so the batch is read this way once, then cleared.
     pub fn admitted(&mut self) -> impl ExactSizeIterator<Item = (Record<'_>, Admitted)> {
@@ -166,27 +162,36 @@ mod tests {
         batch.push_parts("reviews", Some(b""), Some(b""), (0, 7), at, empty());
         assert_eq!(batch.len(), 3);
         let seen: Vec<_> = batch
-            .iter()
-            .map(|r| (r.topic(), r.key(), r.payload(), r.partition(), r.offset(), r.timestamp()))
+            .admitted()
+            .map(|(r, a)| {
+                (r.topic(), r.key(), r.payload(), r.partition(), r.offset(), r.timestamp(), a)
+            })
             .collect();
         assert_eq!(
             seen,
             [
-                ("clicks", Some(&b"u1"[..]), Some(&b"{\"a\":1}"[..]), 3, 41, time),
-                ("clicks", None, None, 3, 42, Timestamp::NotAvailable),
-                ("reviews", Some(&b""[..]), Some(&b""[..]), 0, 7, Timestamp::LogAppendTime(5)),
+                ("clicks", Some(&b"u1"[..]), Some(&b"{\"a\":1}"[..]), 3, 41, time, None),
+                ("clicks", None, None, 3, 42, Timestamp::NotAvailable, empty()),
+                (
+                    "reviews",
+                    Some(&b""[..]),
+                    Some(&b""[..]),
+                    0,
+                    7,
+                    Timestamp::LogAppendTime(5),
+                    empty()
+                ),
             ]
         );
-        let admitted: Vec<_> = batch.admitted().map(|(r, a)| (r.offset(), a)).collect();
-        assert_eq!(admitted, [(41, None), (42, empty()), (7, empty())]);
         batch.clear();
         assert!(batch.is_empty());
         let event = crate::event::decode(crate::event::Format::Json, CLICK).expect("a click");
         batch.push_parts("reviews", None, Some(b"x"), (1, 9), time, Some(Ok(event.clone())));
-        let seen: Vec<_> = batch.iter().map(|r| (r.topic(), r.key(), r.payload())).collect();
-        assert_eq!(seen, [("reviews", None, Some(&b"x"[..]))]);
-        let admitted: Vec<_> = batch.admitted().map(|(r, a)| (r.offset(), a)).collect();
-        assert_eq!(admitted, [(9, Some(Ok(event)))]);
+        let seen: Vec<_> = batch
+            .admitted()
+            .map(|(r, a)| (r.topic(), r.key(), r.payload(), r.offset(), a))
+            .collect();
+        assert_eq!(seen, [("reviews", None, Some(&b"x"[..]), 9, Some(Ok(event)))]);
     }
 
     const CLICK: &[u8] = br#"{"user_id":"u1","event_id":"e1","event_time":1511658000000,
