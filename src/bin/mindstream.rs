@@ -96,12 +96,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let purge_delay_ms = mindstream::allocator::keep_freed_memory();
     let args = Args::parse();
     let config = match cli::load_config(args.config.as_deref()) {
         Ok(config) => config,
         Err(err) => return cli::report(&err, EXIT_USAGE),
     };
     cli::init_logging(&config);
+    tracing::debug!(purge_delay_ms, "freed memory is kept this long before it is returned");
     match args.command {
         Command::Run { until_caught_up } => run(config, RunOptions { until_caught_up }),
         Command::Score { input, output, rejects } => score(&config, &input, &output, rejects),
