@@ -12,7 +12,7 @@
 use std::ffi::c_long;
 
 /// How long freed memory is kept before it is returned to the operating system, in ms.
-pub const PURGE_DELAY_MS: i64 = 10_000;
+pub const PURGE_DELAY_MS: c_long = 10_000;
 
 /// The environment variable with which mimalloc reads its own setting; where it is set, it
 /// wins.
@@ -24,13 +24,17 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`] unless [`PURGE_DELAY_VAR`] is set, and
 /// returns the delay in force.
-pub fn keep_freed_memory() -> i64 {
+pub fn keep_freed_memory() -> c_long {
     if std::env::var_os(PURGE_DELAY_VAR).is_none() {
         // SAFETY: sets an integer option; mimalloc reads it when it next purges.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as c_long) };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     }
+    purge_delay()
+}
+
+fn purge_delay() -> c_long {
     // SAFETY: reads an integer option.
-    i64::from(unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) })
+    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
 }
 
 #[cfg(test)]
@@ -39,16 +43,13 @@ mod tests {
 
     #[test]
     fn freed_memory_is_kept_for_the_delay_unless_the_environment_says_otherwise() {
-        // SAFETY: reads an integer option.
-        let before = i64::from(unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) });
+        let before = purge_delay();
         match std::env::var(PURGE_DELAY_VAR) {
             // mimalloc's own default is shorter; the setting takes the option from it.
             Err(_) => {
                 assert!(before < PURGE_DELAY_MS, "{before}");
                 assert_eq!(keep_freed_memory(), PURGE_DELAY_MS);
-                // SAFETY: reads an integer option.
-                let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-                assert_eq!(i64::from(after), PURGE_DELAY_MS);
+                assert_eq!(purge_delay(), PURGE_DELAY_MS);
             }
             Ok(set) => assert_eq!(keep_freed_memory().to_string(), set),
         }
