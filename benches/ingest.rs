@@ -10,7 +10,7 @@
 //! channel; another thread applies each event to a real `Store` (pseudonymisation,
 //! duplicates, watermarks, windows, interests, coalescing bookkeeping).
 //! Metrics, offset tracking and the dead-letter topic are left out. Both sides set
-//! `fetch.queue.backoff.ms` as the processor does. Each side is timed five times and the
+//! `fetch.queue.backoff.ms` as the processor does. Each side is timed nine times and the
 //! median kept, with the CPU time of the process and of its threads. The slice is written five
 //! times, each copy with its own user ids and shifted ten days later (the slice spans nine), so
 //! both sides read 551,500 records. The allocator keeps freed memory as the processor's does
@@ -38,7 +38,7 @@ use mindstream::source::{POLLED_CAPACITY, SPARE_BATCHES};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const TOPIC: &str = "bench-clicks";
-const REPEATS: usize = 5;
+const REPEATS: usize = 9;
 /// Copies of the slice written to the topic.
 const COPIES: i64 = 5;
 /// Event-time shift between copies.

@@ -177,7 +177,7 @@ impl<T> Tracked<T> {
         let preceded = |held: &Lineage| {
             held.partition == lineage.partition
                 && held.offset > lineage.offset
-                && held.topic == lineage.topic
+                && same_topic(&held.topic, &lineage.topic)
         };
         self.state.events().iter().any(|held| {
             &*held.event_id == event_id && held.lineage != *lineage && !preceded(&held.lineage)
@@ -187,11 +187,11 @@ impl<T> Tracked<T> {
     fn already_applied(&self, lineage: &Lineage) -> bool {
         self.applied_through
             .iter()
-            .any(|(topic, offset)| *topic == lineage.topic && lineage.offset <= *offset)
+            .any(|(topic, offset)| same_topic(topic, &lineage.topic) && lineage.offset <= *offset)
     }
 
     fn record_applied(&mut self, lineage: &Lineage) {
-        match self.applied_through.iter_mut().find(|(topic, _)| *topic == lineage.topic) {
+        match self.applied_through.iter_mut().find(|(topic, _)| same_topic(topic, &lineage.topic)) {
             Some((_, offset)) => *offset = (*offset).max(lineage.offset),
             None => self.applied_through.push((lineage.topic.clone(), lineage.offset)),
         }
@@ -211,6 +211,28 @@ impl<T> Tracked<T> {
     }
 }
 
+/// The newest event time of each source partition, by partition number, then topic.
+type Watermarks = HashMap<i32, SmallVec<[(Arc<str>, i64); 1]>, FastHash>;
+
+/// Whether two topic names are the same: the processor hands out one `Arc` per input topic, so
+/// the pointers usually answer, and the names where they differ (a restored state's).
+fn same_topic(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// The newest event time of a source partition, `i64::MIN` where none is known yet.
+fn newest_mut<'a>(newest: &'a mut Watermarks, topic: &Arc<str>, partition: i32) -> &'a mut i64 {
+    let topics = newest.entry(partition).or_default();
+    let at = match topics.iter().position(|(held, _)| same_topic(held, topic)) {
+        Some(at) => at,
+        None => {
+            topics.push((topic.clone(), i64::MIN));
+            topics.len() - 1
+        }
+    };
+    &mut topics[at].1
+}
+
 pub struct Store<T> {
     config: StoreConfig,
     pseudonymizer: Arc<Pseudonymizer>,
@@ -218,8 +240,10 @@ pub struct Store<T> {
     /// to collide, so the map uses a fast hash instead of the standard library's SipHash.
     /// They are held as numbers, so that looking a user up reads no memory outside the table.
     users: HashMap<UserKey, Box<Tracked<T>>, FastHash>,
-    /// Newest event time seen per source partition.
-    newest: HashMap<(Arc<str>, i32), i64, FastHash>,
+    /// Newest event time seen per source partition, by partition number, then topic: a
+    /// number hashes without reading the topic's name, and the topics of one number (one per
+    /// input topic) are told apart by pointer, the name compared only where two differ.
+    newest: Watermarks,
     /// Assignment epoch per input partition number (0 where never restored).
     epochs: HashMap<i32, u64>,
     /// Number of the next scoring request.
@@ -278,8 +302,7 @@ impl<T> Store<T> {
             let detail = "event_id is already in the user's window";
             return Applied::Rejected(Rejection::new(RejectReason::Duplicate, detail), token);
         }
-        let source = (lineage.topic.clone(), lineage.partition);
-        let newest = self.newest.entry(source).or_insert(i64::MIN);
+        let newest = newest_mut(&mut self.newest, &lineage.topic, lineage.partition);
         if *newest != i64::MIN && event.event_time_ms < *newest - self.config.allowed_lateness_ms {
             let behind = humantime::format_duration(Duration::from_millis(
                 (*newest - event.event_time_ms).unsigned_abs(),
@@ -438,7 +461,7 @@ impl<T> Store<T> {
     pub fn revoke(&mut self, partitions: &[i32]) -> usize {
         let before = self.users.len();
         self.users.retain(|_, t| !partitions.contains(&t.partition));
-        self.newest.retain(|(_, p), _| !partitions.contains(p));
+        self.newest.retain(|p, _| !partitions.contains(p));
         for partition in partitions {
             self.epochs.remove(partition);
         }
@@ -449,7 +472,8 @@ impl<T> Store<T> {
     /// are dropped (idle longer than TTL plus allowed lateness behind the slowest partition),
     /// so eviction never changes a result; dirty users wait for their scoring.
     pub fn evict_idle(&mut self) -> Vec<Dropped> {
-        let Some(&clock) = self.newest.values().filter(|&&t| t != i64::MIN).min() else {
+        let times = self.newest.values().flatten().map(|&(_, t)| t);
+        let Some(clock) = times.filter(|&t| t != i64::MIN).min() else {
             return Vec::new();
         };
         let horizon = clock - self.config.state.user_ttl_ms - self.config.allowed_lateness_ms;
@@ -467,12 +491,14 @@ impl<T> Store<T> {
 
     /// The newest event time seen on an input partition (its watermark before lateness).
     pub fn watermark(&self, topic: &Arc<str>, partition: i32) -> Option<i64> {
-        self.newest.get(&(topic.clone(), partition)).copied().filter(|&t| t != i64::MIN)
+        let topics = self.newest.get(&partition)?;
+        let &(_, newest) = topics.iter().find(|(held, _)| same_topic(held, topic))?;
+        Some(newest).filter(|&t| t != i64::MIN)
     }
 
     /// Starts an input partition from a watermark carried over from its previous owner.
     pub fn set_watermark(&mut self, topic: &Arc<str>, partition: i32, watermark: i64) {
-        let newest = self.newest.entry((topic.clone(), partition)).or_insert(i64::MIN);
+        let newest = newest_mut(&mut self.newest, topic, partition);
         *newest = (*newest).max(watermark);
     }
 

@@ -395,3 +395,28 @@ fn a_review_is_scored_on_its_own_only_where_the_window_holds_more() {
     assert_eq!(focus.len(), 2, "a header and the review's line: {focus:?}");
     assert!(focus[1].text.contains("broke after a week"), "{focus:?}");
 }
+
+#[test]
+fn each_topic_of_a_partition_number_keeps_its_own_watermark() {
+    let mut store = store(1_000);
+    let now = Instant::now();
+    let (clicks, reviews): (Arc<str>, Arc<str>) = ("clicks".into(), "reviews".into());
+    let at = |topic: &Arc<str>, offset| Lineage { topic: topic.clone(), partition: 0, offset };
+    store.apply(event("u", 10_000_000), at(&clicks, 0), 0, now);
+    store.apply(event("v", 1_000), at(&reviews, 0), 1, now);
+    assert_eq!(store.watermark(&clicks, 0), Some(10_000_000));
+    assert_eq!(store.watermark(&reviews, 0), Some(1_000));
+    assert_eq!(store.watermark(&clicks, 1), None);
+    // An event far behind the clicks' watermark is late there, not on the reviews.
+    let late = store.apply(event("w", 2_000), at(&clicks, 1), 2, now);
+    assert!(matches!(late, Applied::Rejected(r, 2) if r.reason == RejectReason::Late));
+    assert!(matches!(store.apply(event("w", 2_000), at(&reviews, 1), 3, now), Applied::Accepted));
+    // A topic is known by its name, whichever `Arc` holds it (a restored state's, say).
+    let named_again: Arc<str> = "clicks".into();
+    assert_eq!(store.watermark(&named_again, 0), Some(10_000_000));
+    store.set_watermark(&named_again, 0, 20_000_000);
+    assert_eq!(store.watermark(&clicks, 0), Some(20_000_000));
+    // Revoking the number forgets both topics' watermarks.
+    store.revoke(&[0]);
+    assert_eq!((store.watermark(&clicks, 0), store.watermark(&reviews, 0)), (None, None));
+}
