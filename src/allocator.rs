@@ -1,13 +1,14 @@
 //! Settings of the allocator the binaries use (mimalloc).
 //!
 //! mimalloc returns memory freed in whole pages to the operating system a second after it is
-//! freed (its `purge_delay`; 10 ms in its older v2). The processor frees users in bulk (a revoked partition's users,
-//! idle users evicted together) and then builds new ones, and memory taken back from the OS
-//! costs a page fault and a zeroed page on its first write again: 400 to 900 ns per event
-//! applied into it (`cargo bench --bench ingest`, docs/PERFORMANCE.md). The processor keeps
-//! freed memory for [`PURGE_DELAY_MS`] instead, so memory freed and reused within that time
-//! is not faulted in twice; what stays unused is still returned after it. Resident memory
-//! never grows past its peak for it: freed memory is reused before more is taken.
+//! freed (its `purge_delay`; 10 ms in its older v2). The processor frees users in bulk (a
+//! revoked partition's users, idle users evicted together) and then builds new ones, and
+//! memory taken back from the OS costs a page fault and a zeroed page on its first write
+//! again: 400 to 900 ns per event applied into it (`cargo bench --bench ingest`,
+//! docs/PERFORMANCE.md). The processor keeps freed memory for [`PURGE_DELAY_MS`] instead, so
+//! memory freed and reused within that time is not faulted in twice; what stays unused is
+//! still returned after it. Resident memory never grows past its peak for it: freed memory is
+//! reused before more is taken.
 
 use std::ffi::c_long;
 

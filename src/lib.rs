@@ -16,10 +16,11 @@
 //!   input offsets may be committed once they are delivered;
 //! - [`pipeline`]: the processor that wires these together.
 //!
-//! Around them: [`config`] and [`cli`] (start-up), [`allocator`], [`metrics`], [`http`], [`lookup`] and
-//! [`console`] (what operators, integrators and marketers read), [`offline`] (the same path
-//! over a file), [`ops`] (topics, replay, summary), [`import`] (public data sets into
-//! events), [`train`] (`mindstream-train`), [`proto`] (generated types) and [`time`].
+//! Around them: [`config`] and [`cli`] (start-up), [`allocator`], [`metrics`], [`http`],
+//! [`lookup`] and [`console`] (what operators, integrators and marketers read), [`offline`]
+//! (the same path over a file), [`ops`] (topics, replay, summary), [`import`] (public data
+//! sets into events), [`train`] (`mindstream-train`), [`proto`] (generated types) and
+//! [`time`].
 
 pub mod actions;
 pub mod allocator;
