@@ -18,7 +18,7 @@ pub(super) fn parse(bytes: &[u8]) -> Option<Incoming<'_>> {
     // Checked once here rather than string by string: bytes beyond ASCII can only stand in a
     // string, so a record that is not UTF-8 is serde_json's to reject anyway.
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut cursor = Cursor { text, bytes, at: 0 };
+    let mut cursor = Cursor { text, at: 0 };
     let mut incoming = Incoming::default();
     let mut seen = 0u32;
     cursor.expect(b'{')?;
@@ -132,15 +132,18 @@ fn string_end(rest: &[u8]) -> Option<usize> {
 struct Cursor<'a> {
     /// The record, known to be UTF-8.
     text: &'a str,
-    /// The same, as bytes.
-    bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Cursor<'a> {
+    /// The record's bytes.
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
     /// JSON's whitespace: space, tab, line feed and carriage return, nothing else.
     fn skip_whitespace(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes().get(self.at) {
             self.at += 1;
         }
     }
@@ -148,7 +151,7 @@ impl<'a> Cursor<'a> {
     /// The next byte after whitespace, not consumed.
     fn peek(&mut self) -> Option<u8> {
         self.skip_whitespace();
-        self.bytes.get(self.at).copied()
+        self.bytes().get(self.at).copied()
     }
 
     /// The next byte after whitespace, consumed.
@@ -167,8 +170,8 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.expect(b'"')?;
         let start = self.at;
-        let end = start + string_end(&self.bytes[start..])?;
-        if self.bytes[end] != b'"' {
+        let end = start + string_end(&self.bytes()[start..])?;
+        if self.bytes()[end] != b'"' {
             return None;
         }
         self.at = end + 1;
@@ -180,7 +183,7 @@ impl<'a> Cursor<'a> {
     /// compiler reads as a few words). Any other key, or one with an escape, is `None`.
     fn key(&mut self) -> Option<Field> {
         self.expect(b'"')?;
-        let rest = &self.bytes[self.at..];
+        let rest = &self.bytes()[self.at..];
         let is = |name: &[u8]| rest.starts_with(name);
         let field = match rest.first()? {
             b'u' if is(b"user_id\"") => Field::UserId,
@@ -207,7 +210,7 @@ impl<'a> Cursor<'a> {
 
     /// Consumes `word` (`null`, `true`, `false`) if it comes next.
     fn word(&mut self, word: &[u8]) -> bool {
-        let found = self.bytes[self.at..].starts_with(word);
+        let found = self.bytes()[self.at..].starts_with(word);
         if found {
             self.at += word.len();
         }
@@ -222,15 +225,15 @@ impl<'a> Cursor<'a> {
         // Accumulated as the digits are read; more than 18 are refused below, so the value
         // wraps only when it is not used.
         let mut value = 0u64;
-        while let Some(&digit @ b'0'..=b'9') = self.bytes.get(self.at) {
+        while let Some(&digit @ b'0'..=b'9') = self.bytes().get(self.at) {
             value = value.wrapping_mul(10).wrapping_add(u64::from(digit - b'0'));
             self.at += 1;
         }
         let digits = self.at - start;
-        if digits == 0 || digits > 18 || (digits > 1 && self.bytes[start] == b'0') {
+        if digits == 0 || digits > 18 || (digits > 1 && self.bytes()[start] == b'0') {
             return None;
         }
-        if let Some(b'.' | b'e' | b'E') = self.bytes.get(self.at) {
+        if let Some(b'.' | b'e' | b'E') = self.bytes().get(self.at) {
             return None;
         }
         Some(value)
@@ -240,24 +243,24 @@ impl<'a> Cursor<'a> {
     /// with correct rounding, as serde_json's `float_roundtrip` does.
     fn decimal(&mut self) -> Option<f64> {
         let start = self.at;
-        if self.bytes.get(self.at) == Some(&b'-') {
+        if self.bytes().get(self.at) == Some(&b'-') {
             self.at += 1;
         }
         let first = self.at;
         let whole = self.digits();
-        if whole == 0 || (whole > 1 && self.bytes[first] == b'0') {
+        if whole == 0 || (whole > 1 && self.bytes()[first] == b'0') {
             return None;
         }
-        if self.bytes.get(self.at) == Some(&b'.') {
+        if self.bytes().get(self.at) == Some(&b'.') {
             self.at += 1;
             if self.digits() == 0 {
                 return None;
             }
         }
-        if let Some(b'e' | b'E') = self.bytes.get(self.at) {
+        if let Some(b'e' | b'E') = self.bytes().get(self.at) {
             return None;
         }
-        let text = &self.bytes[start..self.at];
+        let text = &self.bytes()[start..self.at];
         if text.len() > 40 {
             return None;
         }
@@ -267,7 +270,7 @@ impl<'a> Cursor<'a> {
 
     fn digits(&mut self) -> usize {
         let start = self.at;
-        while self.bytes.get(self.at).is_some_and(u8::is_ascii_digit) {
+        while self.bytes().get(self.at).is_some_and(u8::is_ascii_digit) {
             self.at += 1;
         }
         self.at - start
