@@ -26,10 +26,12 @@
 //!   the latency is the broker timestamp of the first signal record of its user that covers it
 //!   (lineage at or after the event's offset) minus the event's own broker timestamp.
 //!
-//! The processor runs with `scoring.coalesce = 100ms`, WORKERS model workers (default 1) and
-//! `fetch.wait.max.ms = 20`: the test broker answers a fetch only when its wait runs out, not
-//! when data arrives as Kafka does, so librdkafka's 500 ms default would add up to half a
-//! second to every event's latency.
+//! The processor runs with WORKERS model workers (default 1), `scoring.coalesce = 50ms`
+//! (`E2E_COALESCE` overrides it) and `fetch.wait.max.ms = 20`. In real time a user's events
+//! come seconds apart, so the debounce merges nothing there and adds its whole length to every
+//! latency; on the backlog, 50 ms still merges a user's burst. The test broker answers a fetch
+//! only when its wait runs out, not when data arrives as Kafka does, so librdkafka's 500 ms
+//! default would add up to half a second to every event's latency.
 //! `cargo bench --bench e2e -- [WORKERS]`; `cargo bench --bench e2e -- WORKERS RATE [EVENTS]`
 //! runs only one real-time replay at RATE and prints its latencies;
 //! `cargo bench --bench e2e -- WORKERS catch-up` only the catch-up and the Python baseline.
@@ -53,7 +55,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 /// The pseudonymisation secret of the bench's processors.
 const KEY: &str = "bench-secret-0123456789abcdef";
-const COALESCE: &str = "100ms";
+const COALESCE: &str = "50ms";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
