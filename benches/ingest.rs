@@ -3,19 +3,22 @@
 //!
 //! Starts a Tansu broker from `.tools/bin` on a free loopback port, writes the real Taobao
 //! slice into a JSON topic of four partitions keyed by user, then reads it back to its end with
-//! fresh consumer groups, alternately. The raw side polls and counts. The other is laid out as
-//! the processor is: a polling thread admits each record with the processor's checks (input
-//! limits, decoding, validation) as it copies the records that were ready together, up to 256,
-//! into one batch (an emptied one handed back, where one waits), and hands it over a bounded
-//! channel; another thread applies each event to a real `Store` (pseudonymisation,
-//! duplicates, watermarks, windows, interests, coalescing bookkeeping).
-//! Metrics, offset tracking and the dead-letter topic are left out. Both sides set
-//! `fetch.queue.backoff.ms` as the processor does. Each side is timed nine times and the
-//! median kept, with the CPU time of the process and of its threads. The slice is written five
-//! times, each copy with its own user ids and shifted ten days later (the slice spans nine), so
-//! both sides read 551,500 records. The allocator keeps freed memory as the processor's does
-//! ([`mindstream::allocator`]). Where the time goes is shown by timing the stages of the
-//! windowed side on the same payloads in memory. `cargo bench --bench ingest`.
+//! fresh consumer groups, alternately. The raw side polls the rust client's consumer and
+//! counts. The windowed side is laid out as the processor is: a polling thread reads the
+//! records from the record queue its partitions are routed to ([`Routing`]), up to 256 per
+//! read, admits each with the processor's checks (input limits, decoding, validation) as it
+//! copies them into one batch (an emptied one handed back, where one waits), and hands the
+//! batch over a bounded channel; another thread applies each event to a real `Store`
+//! (pseudonymisation, duplicates, watermarks, windows, interests, coalescing bookkeeping).
+//! Metrics, offset tracking and the dead-letter topic are left out. After those rounds, a third
+//! side reads the record queue the same way and only counts, so the windowed side is also
+//! compared with the ceiling of its own way of reading. All sides set `fetch.queue.backoff.ms` as the processor
+//! does. Each side is timed nine times and the median kept, with the CPU time of the process
+//! and of its threads. The slice is written five times, each copy with its own user ids and
+//! shifted ten days later (the slice spans nine), so every side reads 551,500 records. The
+//! allocator keeps freed memory as the processor's does ([`mindstream::allocator`]). Where the
+//! time goes is shown by timing the stages of the windowed side on the same payloads in
+//! memory. `cargo bench --bench ingest`.
 
 mod common;
 
@@ -25,14 +28,14 @@ use std::time::{Duration, Instant};
 use mindstream::config::LimitsConfig;
 use mindstream::event::{Event, Format};
 use mindstream::privacy::Pseudonymizer;
-use mindstream::source::{Admission, RecordBatch};
+use mindstream::source::{Admission, RecordBatch, Routing};
 use mindstream::window::Lineage;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, ClientContext};
 
 use common::Broker;
-use mindstream::source::{POLLED_CAPACITY, SPARE_BATCHES};
+use mindstream::source::{POLLED_CAPACITY, READ_WAIT, SPARE_BATCHES};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -57,6 +60,7 @@ fn main() {
 
     let mut raw = Vec::new();
     let mut windowed = Vec::new();
+    let mut batched = Vec::new();
     let (mut raw_broker_cpu, mut windowed_broker_cpu) = (0.0, 0.0);
     for round in 0..repeats {
         let before = broker.cpu_seconds();
@@ -66,13 +70,20 @@ fn main() {
         raw_broker_cpu += middle - before;
         windowed_broker_cpu += broker.cpu_seconds() - middle;
     }
+    // Apart from the rounds above, whose windowed reads each reuse the memory the previous
+    // one freed (the allocator keeps it ten seconds, and one read more in between would take
+    // about that long).
+    for round in 0..repeats {
+        batched.push(read(&broker.address, total, &format!("batch-{round}"), Side::RawBatches));
+    }
     let rounds = |reads: &[Read]| {
         let walls: Vec<String> =
             reads.iter().map(|r| format!("{:.2} s", r.wall.as_secs_f64())).collect();
         walls.join(", ")
     };
     let (raw_rounds, windowed_rounds) = (rounds(&raw), rounds(&windowed));
-    let (raw, windowed) = (median_read(raw), median_read(windowed));
+    let batched_rounds = rounds(&batched);
+    let (raw, windowed, batched) = (median_read(raw), median_read(windowed), median_read(batched));
     let rate = |d: Duration| total as f64 / d.as_secs_f64();
     println!("| measure | value |");
     println!("|---|---|");
@@ -93,6 +104,16 @@ fn main() {
     );
     println!("| every round, raw | {raw_rounds} |");
     println!("| every round, windowed | {windowed_rounds} |");
+    println!(
+        "| raw reader taking batches from the record queue, as the processor does | {:.0} records/s ({:.2} s) |",
+        rate(batched.wall),
+        batched.wall.as_secs_f64()
+    );
+    println!(
+        "| ratio, windowed / raw batches | {:.3} |",
+        batched.wall.as_secs_f64() / windowed.wall.as_secs_f64()
+    );
+    println!("| every round, raw batches | {batched_rounds} |");
     println!(
         "| broker CPU per read (group join included), raw / windowed | {:.2} s / {:.2} s |",
         raw_broker_cpu / repeats as f64,
@@ -191,12 +212,29 @@ fn produce(address: &str, events: &[Vec<u8>]) {
     eprintln!("produced {} records in {:.1} s", events.len(), admin_wait.elapsed().as_secs_f64());
 }
 
+/// The windowed side's consumer context: routes each assigned partition's records to the
+/// record queue, as the processor's does.
+#[derive(Default)]
+struct Routed(Routing);
+
+impl ClientContext for Routed {}
+
+impl ConsumerContext for Routed {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            self.0.route_assigned(consumer, assigned);
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Side {
     /// Polls and counts.
     Raw,
     /// Laid out as the processor is.
     Windowed,
+    /// Reads the record queue a batch at a time, as the processor does, and counts.
+    RawBatches,
 }
 
 /// One read of the topic: wall time from the first record, and CPU seconds spent meanwhile.
@@ -219,18 +257,18 @@ fn median_read(mut reads: Vec<Read>) -> Read {
 /// the records over a bounded channel in batches of those that were ready together, and
 /// another applies each event to a store.
 fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", address)
         .set("group.id", group)
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.queue.backoff.ms", mindstream::source::FETCH_QUEUE_BACKOFF_MS)
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[TOPIC]).expect("subscribe");
+        .set("fetch.queue.backoff.ms", mindstream::source::FETCH_QUEUE_BACKOFF_MS);
     if side == Side::Raw {
+        let consumer: BaseConsumer = config.create().expect("consumer");
+        consumer.subscribe(&[TOPIC]).expect("subscribe");
         let mut seen = 0;
         let mut started = None;
         while seen < total {
@@ -249,6 +287,31 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
         };
     }
 
+    let consumer: BaseConsumer<Routed> =
+        config.create_with_context(Routed::default()).expect("consumer");
+    consumer.context().0.open(&consumer);
+    consumer.subscribe(&[TOPIC]).expect("subscribe");
+    if side == Side::RawBatches {
+        let routing = &consumer.context().0;
+        let (mut seen, mut started) = (0, None);
+        while seen < total {
+            while let Some(served) = consumer.poll(Duration::ZERO) {
+                served.expect("no consumer error");
+            }
+            seen += routing.read(READ_WAIT, mindstream::source::MOST_PER_READ, |record| {
+                record.expect("record");
+                started.get_or_insert_with(|| (thread_cpu(), process_cpu(), Instant::now()));
+            });
+        }
+        routing.close();
+        let (poll_cpu, process, started) = started.expect("a first record");
+        return Read {
+            wall: started.elapsed(),
+            process_cpu: process_cpu() - process,
+            poll_cpu: thread_cpu() - poll_cpu,
+            window_cpu: 0.0,
+        };
+    }
     let batch = mindstream::source::HANDOVER_BATCH;
     let (sender, records) = std::sync::mpsc::sync_channel::<RecordBatch>(POLLED_CAPACITY);
     // Emptied batches go back to be filled again, as the processor's do.
@@ -260,31 +323,34 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
     let poller = std::thread::spawn(move || {
         let consumer = polling;
         let admission = Admission::with_inputs(LimitsConfig::default(), [(TOPIC, Format::Json)]);
+        let routing = &consumer.context().0;
         let mut seen = 0;
-        let mut cpu = 0.0;
+        let mut cpu = None;
         while seen < total {
-            let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
-            if seen == 0 {
-                cpu = thread_cpu();
-                let process = process_cpu();
-                let _ = first_tx.send((Instant::now(), process));
+            // Rebalances (where the partitions are routed) and the client's events; the
+            // records come from the record queue.
+            while let Some(served) = consumer.poll(Duration::ZERO) {
+                served.expect("no consumer error");
             }
-            seen += 1;
             let mut polled =
                 spares.try_recv().unwrap_or_else(|_| RecordBatch::with_capacity(batch, 64 * 1024));
-            let message = message.expect("record");
-            polled.push(&message, &admission);
-            while polled.len() < batch && seen < total {
-                let Some(message) = consumer.poll(Duration::ZERO) else { break };
-                seen += 1;
-                let message = message.expect("record");
-                polled.push(&message, &admission);
+            seen += routing.read(READ_WAIT, batch, |record| {
+                // The clock starts at the first record, so the group join is not counted.
+                if cpu.is_none() {
+                    cpu = Some(thread_cpu());
+                    let _ = first_tx.send((Instant::now(), process_cpu()));
+                }
+                polled.push_raw(&record.expect("record"), &admission);
+            });
+            if polled.is_empty() {
+                continue;
             }
             if sender.send(polled).is_err() {
                 break;
             }
         }
-        thread_cpu() - cpu
+        routing.close();
+        thread_cpu() - cpu.unwrap_or(0.0)
     });
     let mut store = common::processor_store();
     let topic: Arc<str> = TOPIC.into();

@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use rdkafka::message::{BorrowedMessage, Message, Timestamp};
 
-use super::Admission;
+use super::{Admission, RawRecord};
 use crate::event::{Event, Rejection};
 
 /// Records in the order polled, each with what its admission made of it.
@@ -64,6 +64,13 @@ impl RecordBatch {
         let admitted = admission.admit(topic, key, payload, timestamp);
         let position = (message.partition(), message.offset());
         self.push_parts(topic, key, payload, position, timestamp, admitted);
+    }
+
+    /// Admits a record read from the record queue and copies it in.
+    pub fn push_raw(&mut self, record: &RawRecord<'_>, admission: &Admission) {
+        let RawRecord { topic, key, payload, partition, offset, timestamp } = *record;
+        let admitted = admission.admit(topic, key, payload, timestamp);
+        self.push_parts(topic, key, payload, (partition, offset), timestamp, admitted);
     }
 
     fn push_parts(

@@ -14,6 +14,10 @@
 //!   publishing for them, waits for what it handed to the producer, and drops their users),
 //!   waits for its answer, then commits the partitions' done positions (at-least-once; in
 //!   exactly-once mode the pipeline has committed its transaction instead).
+//!
+//! Records are read a batch at a time from a queue of their own, which each partition is
+//! routed to as it is assigned ([`Routing`]); the rebalances above, errors and the client's
+//! other events stay on the consumer's queue, served between reads.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,10 +38,12 @@ use crate::state::Snapshot;
 
 mod admission;
 mod batch;
+mod queue;
 mod restore;
 
 pub use admission::{admit, decode, Admission};
 pub use batch::{Admitted, Record, RecordBatch};
+pub use queue::{RawRecord, RecordQueue, Routing, MOST_PER_READ};
 pub use restore::RestoreError;
 use restore::Restorer;
 
@@ -91,6 +97,8 @@ pub struct SourceContext {
     polled: Mutex<RecordBatch>,
     /// Decodes and checks each record as it is polled.
     admission: Admission,
+    /// The queue assigned partitions' records are read from, many per call.
+    routing: Routing,
     /// Emptied batches handed back by the pipeline ([`Source::recycle`]), filled again instead
     /// of new ones.
     spare: Mutex<std_mpsc::Receiver<RecordBatch>>,
@@ -118,8 +126,12 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(partitions) = rebalance {
-            self.revoke(consumer, partitions_of(partitions));
+        match rebalance {
+            Rebalance::Revoke(partitions) => self.revoke(consumer, partitions_of(partitions)),
+            // Before the assignment takes effect, so that no record of it is fetched to the
+            // consumer's own queue.
+            Rebalance::Assign(partitions) => self.routing.route_assigned(consumer, partitions),
+            Rebalance::Error(_) => {}
         }
     }
 
@@ -221,6 +233,26 @@ impl SourceContext {
         let mut polled = self.polled.lock().expect("polled records lock poisoned");
         polled.push(message, &self.admission);
         polled.len()
+    }
+
+    /// Reads records from the record queue, waiting up to `wait` for the first, and keeps
+    /// them for the next handover, up to [`HANDOVER_BATCH`] in all.
+    fn read_routed(&self, wait: Duration) {
+        let mut errors = Vec::new();
+        {
+            let mut polled = self.polled.lock().expect("polled records lock poisoned");
+            let room = HANDOVER_BATCH.saturating_sub(polled.len());
+            if room == 0 {
+                return;
+            }
+            self.routing.read(wait, room, |record| match record {
+                Ok(record) => polled.push_raw(&record, &self.admission),
+                Err(err) => errors.push(err),
+            });
+        }
+        for err in errors {
+            self.send(Polled::Error(err));
+        }
     }
 
     /// The records kept so far, in order.
@@ -331,8 +363,9 @@ pub const HANDOVER_BATCH: usize = 256;
 pub const SPARE_BATCHES: usize = POLLED_CAPACITY + 2;
 /// Room reserved for a batch's bytes: 256 records of about 250 bytes with their topic names.
 const BATCH_BYTES: usize = 64 * 1024;
-/// Longest one poll waits, and so the longest the thread takes to notice a stop.
-const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest one read of the record queue waits, and so the longest the polling thread takes to
+/// serve a rebalance, or to notice a stop, while no records come.
+pub const READ_WAIT: Duration = Duration::from_millis(10);
 
 /// The consumer and the thread that polls it.
 ///
@@ -365,6 +398,7 @@ impl Source {
             to_pipeline: sender,
             polled: Mutex::new(RecordBatch::with_capacity(HANDOVER_BATCH, BATCH_BYTES)),
             admission: Admission::new(config),
+            routing: Routing::default(),
             spare: Mutex::new(spares),
             stopping: stop.clone(),
             restorer: Restorer::new(config),
@@ -373,6 +407,7 @@ impl Source {
             revoke_timeout: config.shutdown.drain_timeout,
         };
         let consumer: SourceConsumer = consumer_config(config).create_with_context(context)?;
+        consumer.context().routing.open(&consumer);
         let topics: Vec<&str> = config.inputs.iter().map(|i| i.topic.as_str()).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
@@ -421,6 +456,8 @@ impl Source {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // The record queue must go before the consumer.
+        self.consumer.context().routing.close();
     }
 }
 
@@ -430,18 +467,21 @@ impl Drop for Source {
     }
 }
 
-/// Polls until stopped. The records that are ready together, up to [`HANDOVER_BATCH`], are
-/// handed over as one item, so that the pipeline is woken once per batch rather than once per
-/// record.
+/// Polls until stopped. Each round serves the consumer's own queue without waiting
+/// (rebalances, errors, the client's events, and the records of any partition that could not
+/// be routed), then reads the record queue. The records that are ready together, up to
+/// [`HANDOVER_BATCH`], are handed over as one item, so that the pipeline is woken once per
+/// batch rather than once per record.
 fn poll_loop(consumer: &SourceConsumer, stop: &AtomicBool) {
     let context = consumer.context();
     while !stop.load(Ordering::SeqCst) {
-        let mut timeout = POLL_TIMEOUT;
+        let mut kept = 0;
         loop {
-            match consumer.poll(timeout) {
+            match consumer.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => {
-                    if context.keep(&message) >= HANDOVER_BATCH {
+                    kept = context.keep(&message);
+                    if kept >= HANDOVER_BATCH {
                         break;
                     }
                 }
@@ -450,8 +490,8 @@ fn poll_loop(consumer: &SourceConsumer, stop: &AtomicBool) {
                     break;
                 }
             }
-            timeout = Duration::ZERO;
         }
+        context.read_routed(if kept > 0 { Duration::ZERO } else { READ_WAIT });
         if !context.hand_over_polled() {
             tracing::debug!("poll thread stopped: the pipeline closed its end");
             return;
