@@ -289,7 +289,9 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
 
     let consumer: BaseConsumer<Routed> =
         config.create_with_context(Routed::default()).expect("consumer");
-    consumer.context().0.open(&consumer);
+    // SAFETY: the reading thread closes the routing before it returns, and the consumer is
+    // dropped after that.
+    unsafe { consumer.context().0.open(&consumer) };
     consumer.subscribe(&[TOPIC]).expect("subscribe");
     if side == Side::RawBatches {
         let routing = &consumer.context().0;

@@ -43,7 +43,7 @@ mod restore;
 
 pub use admission::{admit, decode, Admission};
 pub use batch::{Admitted, Record, RecordBatch};
-pub use queue::{RawRecord, RecordQueue, Routing, MOST_PER_READ};
+pub use queue::{RawRecord, Routing, MOST_PER_READ};
 pub use restore::RestoreError;
 use restore::Restorer;
 
@@ -352,7 +352,32 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<Partition> {
         .collect()
 }
 
-pub type SourceConsumer = BaseConsumer<SourceContext>;
+/// The processor's consumer. Dropping it drops the record queue first, which must go before
+/// the client (records left in it hold references that would keep the client's threads from
+/// ending), with the partitions paused, so that nothing is fetched for a queue that is gone;
+/// then the consumer closes as usual.
+pub struct SourceConsumer {
+    inner: BaseConsumer<SourceContext>,
+}
+
+impl std::ops::Deref for SourceConsumer {
+    type Target = BaseConsumer<SourceContext>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl Drop for SourceConsumer {
+    fn drop(&mut self) {
+        if let Ok(assignment) = self.inner.assignment() {
+            if assignment.count() > 0 {
+                let _ = self.inner.pause(&assignment);
+            }
+        }
+        self.inner.context().routing.close();
+    }
+}
 
 /// Items (mostly batches of records) buffered between the polling thread and the pipeline.
 pub const POLLED_CAPACITY: usize = 8;
@@ -406,8 +431,10 @@ impl Source {
             mode: config.delivery.mode,
             revoke_timeout: config.shutdown.drain_timeout,
         };
-        let consumer: SourceConsumer = consumer_config(config).create_with_context(context)?;
-        consumer.context().routing.open(&consumer);
+        let consumer =
+            SourceConsumer { inner: consumer_config(config).create_with_context(context)? };
+        // SAFETY: `SourceConsumer`'s drop closes the routing before the client goes.
+        unsafe { consumer.context().routing.open(&consumer) };
         let topics: Vec<&str> = config.inputs.iter().map(|i| i.topic.as_str()).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
@@ -456,8 +483,6 @@ impl Source {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        // The record queue must go before the consumer.
-        self.consumer.context().routing.close();
     }
 }
 

@@ -17,7 +17,7 @@
 
 use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
@@ -31,8 +31,8 @@ use rdkafka::TopicPartitionList;
 pub const MOST_PER_READ: usize = super::HANDOVER_BATCH;
 
 /// A queue of the consumer's, created empty, that assigned partitions' records are routed to.
-/// It must be dropped before the consumer ([`super::Source::stop`] does).
-pub struct RecordQueue {
+/// It must be dropped before the consumer (see [`Routing::open`]).
+pub(crate) struct RecordQueue {
     queue: NonNull<rd::rd_kafka_queue_t>,
 }
 
@@ -41,7 +41,8 @@ unsafe impl Send for RecordQueue {}
 // SAFETY: as above; `&self` methods only call librdkafka's thread-safe queue functions.
 unsafe impl Sync for RecordQueue {}
 
-/// One record read from a [`RecordQueue`], borrowing the client's buffers until the next read.
+/// One record read from a [`RecordQueue`], borrowing the client's buffers; valid only inside
+/// the callback it is handed to.
 #[derive(Clone, Copy)]
 pub struct RawRecord<'a> {
     pub topic: &'a str,
@@ -54,7 +55,7 @@ pub struct RawRecord<'a> {
 
 impl RecordQueue {
     /// A new, empty queue of `consumer`'s.
-    pub fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> RecordQueue {
+    fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> RecordQueue {
         // SAFETY: the client pointer is valid while `consumer` lives; the queue is destroyed
         // on drop, which the owner arranges before the consumer goes.
         let queue = unsafe { rd::rd_kafka_queue_new(consumer.client().native_ptr()) };
@@ -64,7 +65,7 @@ impl RecordQueue {
     /// Routes the records of `topic`'s `partition` to this queue from now on. Called as the
     /// partition is assigned, before its fetching starts, so that none of its records reach
     /// the consumer's queue; routing lasts until the partition is unassigned.
-    pub fn route<C: ConsumerContext>(
+    fn route<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         topic: &str,
@@ -90,7 +91,7 @@ impl RecordQueue {
     /// Reads at most `max` (at most [`MOST_PER_READ`]) of the records ready, waiting up to
     /// `wait` for the first where none is, and hands each (or the error the client put in its
     /// place) to `each`; returns how many were read.
-    pub fn read(
+    fn read(
         &self,
         wait: Duration,
         max: usize,
@@ -107,13 +108,15 @@ impl RecordQueue {
                 read += self.take(Duration::ZERO, &mut messages[1..max]);
             }
         }
-        for &message in &messages[..read] {
+        // Every message taken is destroyed, also where `each` panics part-way.
+        let mut taken = Taken { messages, read, next: 0 };
+        while taken.next < taken.read {
+            let message = taken.messages[taken.next];
+            taken.next += 1;
+            let _destroy = Destroy(message);
             // SAFETY: librdkafka filled the first `read` slots with messages the caller owns;
-            // each is borrowed only inside `each` and destroyed right after.
-            unsafe {
-                each(record(&*message));
-                rd::rd_kafka_message_destroy(message);
-            }
+            // this one is borrowed only inside `each` and destroyed when `_destroy` drops.
+            each(unsafe { record(&*message) });
         }
         read
     }
@@ -124,7 +127,8 @@ impl RecordQueue {
         if into.is_empty() {
             return 0;
         }
-        let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        // Rounded up: a wait under a millisecond is still a wait.
+        let wait_ms = i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         // SAFETY: `into` has room for `into.len()` message pointers.
         let taken = unsafe {
             rd::rd_kafka_consume_batch_queue(
@@ -135,6 +139,32 @@ impl RecordQueue {
             )
         };
         usize::try_from(taken).unwrap_or(0)
+    }
+}
+
+/// Messages taken from the queue; those not yet handed on are destroyed on drop.
+struct Taken {
+    messages: [*mut rd::rd_kafka_message_t; MOST_PER_READ],
+    read: usize,
+    next: usize,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        for &message in &self.messages[self.next..self.read] {
+            // SAFETY: taken from the queue and not yet destroyed.
+            unsafe { rd::rd_kafka_message_destroy(message) };
+        }
+    }
+}
+
+/// Destroys one message on drop.
+struct Destroy(*mut rd::rd_kafka_message_t);
+
+impl Drop for Destroy {
+    fn drop(&mut self) {
+        // SAFETY: a message taken from the queue, destroyed once, after its last borrow.
+        unsafe { rd::rd_kafka_message_destroy(self.0) };
     }
 }
 
@@ -156,28 +186,29 @@ pub struct Routing {
 
 impl Routing {
     /// Creates the queue; call before the consumer subscribes.
-    pub fn open<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
-        *self.queue.lock().expect("record queue lock poisoned") = Some(RecordQueue::new(consumer));
+    ///
+    /// # Safety
+    /// [`Routing::close`] must be called before `consumer` is dropped: the queue must not
+    /// outlive the client, and records left in it would keep the client from closing.
+    pub unsafe fn open<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        *self.queue.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(RecordQueue::new(consumer));
     }
 
-    /// Routes the partitions of an assignment to the queue. A partition that cannot be routed
-    /// keeps delivering to the consumer's queue, which the polling thread also reads.
+    /// Routes the partitions of an assignment to the queue. Routing fails only where
+    /// librdkafka has no queue for a partition, which a consumer always has; should it happen,
+    /// the partition's records are not read, and the error says so.
     pub fn route_assigned<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         assigned: &TopicPartitionList,
     ) {
-        let queue = self.queue.lock().expect("record queue lock poisoned");
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(queue) = queue.as_ref() else { return };
         for element in assigned.elements() {
             let (topic, partition) = (element.topic(), element.partition());
             if let Err(err) = queue.route(consumer, topic, partition) {
-                tracing::warn!(
-                    cause = %err,
-                    topic,
-                    partition,
-                    "partition read one record at a time"
-                );
+                tracing::error!(cause = %err, topic, partition, "partition not routed: not read");
             }
         }
     }
@@ -189,7 +220,7 @@ impl Routing {
         max: usize,
         each: impl FnMut(Result<RawRecord<'_>, KafkaError>),
     ) -> usize {
-        let queue = self.queue.lock().expect("record queue lock poisoned");
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         match queue.as_ref() {
             Some(queue) => queue.read(wait, max, each),
             None => {
@@ -202,7 +233,7 @@ impl Routing {
 
     /// Drops the queue and the records still in it; call before the consumer is dropped.
     pub fn close(&self) {
-        self.queue.lock().expect("record queue lock poisoned").take();
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).take();
     }
 }
 
