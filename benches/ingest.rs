@@ -12,12 +12,13 @@
 //! (pseudonymisation, duplicates, watermarks, windows, interests, coalescing bookkeeping).
 //! Metrics, offset tracking and the dead-letter topic are left out. After those rounds, a third
 //! side reads the record queue the same way and only counts, so the windowed side is also
-//! compared with the ceiling of its own way of reading. All sides set `fetch.queue.backoff.ms` as the processor
-//! does. Each side is timed nine times and the median kept, with the CPU time of the process
-//! and of its threads. The slice is written five times, each copy with its own user ids and
-//! shifted ten days later (the slice spans nine), so every side reads 551,500 records. The
-//! allocator keeps freed memory as the processor's does ([`mindstream::allocator`]). Where the
-//! time goes is shown by timing the stages of the windowed side on the same payloads in
+//! compared with the ceiling of its own way of reading. All sides set
+//! `fetch.queue.backoff.ms` as the processor does. Each side is timed nine times and the
+//! median kept, with the CPU time of the process and of its threads. The slice is written five
+//! times, each copy with its own user ids and shifted ten days later (the slice spans nine), so
+//! every side reads 551,500 records. The allocator keeps freed memory as the processor's does
+//! ([`mindstream::allocator`]). Where the time goes is shown by timing the stages of the
+//! windowed side on the same payloads in
 //! memory. `cargo bench --bench ingest`.
 
 mod common;
@@ -327,27 +328,28 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
         let admission = Admission::with_inputs(LimitsConfig::default(), [(TOPIC, Format::Json)]);
         let routing = &consumer.context().0;
         let mut seen = 0;
-        let mut cpu = None;
+        let (mut cpu, mut polled) = (None, None);
         while seen < total {
             // Rebalances (where the partitions are routed) and the client's events; the
             // records come from the record queue.
             while let Some(served) = consumer.poll(Duration::ZERO) {
                 served.expect("no consumer error");
             }
-            let mut polled =
-                spares.try_recv().unwrap_or_else(|_| RecordBatch::with_capacity(batch, 64 * 1024));
+            let filling = polled.get_or_insert_with(|| {
+                spares.try_recv().unwrap_or_else(|_| RecordBatch::with_capacity(batch, 64 * 1024))
+            });
             seen += routing.read(READ_WAIT, batch, |record| {
                 // The clock starts at the first record, so the group join is not counted.
                 if cpu.is_none() {
                     cpu = Some(thread_cpu());
                     let _ = first_tx.send((Instant::now(), process_cpu()));
                 }
-                polled.push_raw(&record.expect("record"), &admission);
+                filling.push_raw(&record.expect("record"), &admission);
             });
-            if polled.is_empty() {
+            if filling.is_empty() {
                 continue;
             }
-            if sender.send(polled).is_err() {
+            if sender.send(polled.take().expect("a batch being filled")).is_err() {
                 break;
             }
         }
