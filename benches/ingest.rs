@@ -247,6 +247,17 @@ struct Read {
     window_cpu: f64,
 }
 
+/// A read that only counted, from the thread CPU time, process CPU time and instant of its
+/// first record.
+fn counted((poll_cpu, process, started): (f64, f64, Instant)) -> Read {
+    Read {
+        wall: started.elapsed(),
+        process_cpu: process_cpu() - process,
+        poll_cpu: thread_cpu() - poll_cpu,
+        window_cpu: 0.0,
+    }
+}
+
 fn median_read(mut reads: Vec<Read>) -> Read {
     reads.sort_by_key(|r| r.wall);
     let middle = reads.len() / 2;
@@ -279,13 +290,7 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
             started.get_or_insert_with(|| (thread_cpu(), process_cpu(), Instant::now()));
             seen += 1;
         }
-        let (poll_cpu, process, started) = started.expect("a first record");
-        return Read {
-            wall: started.elapsed(),
-            process_cpu: process_cpu() - process,
-            poll_cpu: thread_cpu() - poll_cpu,
-            window_cpu: 0.0,
-        };
+        return counted(started.expect("a first record"));
     }
 
     let consumer: BaseConsumer<Routed> =
@@ -307,13 +312,7 @@ fn read(address: &str, total: usize, group: &str, side: Side) -> Read {
             });
         }
         routing.close();
-        let (poll_cpu, process, started) = started.expect("a first record");
-        return Read {
-            wall: started.elapsed(),
-            process_cpu: process_cpu() - process,
-            poll_cpu: thread_cpu() - poll_cpu,
-            window_cpu: 0.0,
-        };
+        return counted(started.expect("a first record"));
     }
     let batch = mindstream::source::HANDOVER_BATCH;
     let (sender, records) = std::sync::mpsc::sync_channel::<RecordBatch>(POLLED_CAPACITY);

@@ -59,11 +59,15 @@ impl RecordBatch {
 
     /// Admits a polled record and copies it in.
     pub fn push(&mut self, message: &BorrowedMessage<'_>, admission: &Admission) {
-        let (topic, key, payload) = (message.topic(), message.key(), message.payload());
-        let timestamp = message.timestamp();
-        let admitted = admission.admit(topic, key, payload, timestamp);
-        let position = (message.partition(), message.offset());
-        self.push_parts(topic, key, payload, position, timestamp, admitted);
+        let record = RawRecord {
+            topic: message.topic(),
+            key: message.key(),
+            payload: message.payload(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp(),
+        };
+        self.push_raw(&record, admission);
     }
 
     /// Admits a record read from the record queue and copies it in.
