@@ -4,8 +4,10 @@
 //!
 //! Starts a Tansu broker on loopback; every run is a deployment of its own (group and topics).
 //! The catch-up and the baseline share one broker; each real-time run starts a fresh one, since
-//! the test broker keeps every topic in memory and slows as earlier runs fill it.
-//! - Catch-up: the Taobao slice is written into a JSON topic of four partitions first, then
+//! the test broker keeps every topic in memory and slows as earlier runs fill it. Topics have
+//! two partitions (`E2E_PARTITIONS` sets another number), since that broker's work per fetch
+//! grows with each fetched partition's stored batches.
+//! - Catch-up: the Taobao slice is written into a JSON topic first, then
 //!   `mindstream run --until-caught-up` reads it while the bench scrapes `/metrics` every
 //!   100 ms; the rate is the events over the time from the first record read to the last signal
 //!   delivered. A backlog lets coalescing merge each user's events, so this is the most
@@ -23,8 +25,9 @@
 //!   built up. The whole slice, because the work per event grows along it as users' windows
 //!   fill.
 //! - Latency: the whole slice is replayed at half the saturation rate; for every input event,
-//!   the latency is the broker timestamp of the first signal record of its user that covers it
-//!   (lineage at or after the event's offset) minus the event's own broker timestamp.
+//!   the latency is the timestamp of the first signal record of its user that covers it
+//!   (lineage at or after the event's offset) minus the event's own timestamp: create times,
+//!   stamped by each producing client when it is handed the record.
 //!
 //! The processor runs with WORKERS model workers (default 1), `scoring.coalesce = 50ms`
 //! (`E2E_COALESCE` overrides it) and `fetch.wait.max.ms = 20`. In real time a user's events
@@ -56,6 +59,11 @@ use rdkafka::{Offset, TopicPartitionList};
 /// The pseudonymisation secret of the bench's processors.
 const KEY: &str = "bench-secret-0123456789abcdef";
 const COALESCE: &str = "50ms";
+/// Partitions of each topic. The test broker lists every record batch it holds for a
+/// partition on each fetch of it, so its CPU grows with partitions times the batches written
+/// so far; Kafka finds a fetch offset through an index. With four partitions that cost took a
+/// third of the two cores by the end of a real-time replay (docs/PERFORMANCE.md).
+const PARTITIONS: i32 = 2;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -81,7 +89,7 @@ fn main() {
         let latencies = run.sorted();
         println!(
             "rate {rate:.0} requested, {:.0} achieved; {} of {} covered; keeps up: {}; \
-             p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+             p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms; broker CPU {:.1} s",
             run.achieved,
             latencies.len(),
             events.len(),
@@ -89,7 +97,8 @@ fn main() {
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.9),
             percentile(&latencies, 0.99),
-            percentile(&latencies, 1.0)
+            percentile(&latencies, 1.0),
+            run.broker_cpu
         );
         for (tenth, part) in run.samples.chunks(run.samples.len().div_ceil(10).max(1)).enumerate() {
             let mut part: Vec<f64> = part.iter().map(|(_, latency)| *latency).collect();
@@ -193,6 +202,7 @@ fn main() {
     println!("| latency p50 | {:.0} ms |", percentile(&latencies, 0.50));
     println!("| latency p99 | {:.0} ms |", percentile(&latencies, 0.99));
     println!("| latency max | {:.0} ms |", percentile(&latencies, 1.0));
+    println!("| broker CPU during the replay | {:.1} s |", latency.broker_cpu);
 }
 
 /// The table's rows of the catch-up run and the Python baseline. The users are counted in the
@@ -208,7 +218,7 @@ fn print_catch_up(
     let catch_up = events as f64 / seconds;
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| events | {} (Taobao slice, JSON, 4 partitions) |", events);
+    println!("| events | {} (Taobao slice, JSON, {} partitions) |", events, partitions());
     println!("| model workers | {workers} |");
     println!("| users | {users} |");
     println!(
@@ -260,6 +270,8 @@ struct LatencyRun {
     achieved: f64,
     samples: Vec<(i64, f64)>,
     records: usize,
+    /// CPU seconds the broker used from the replay's start until the signals stopped.
+    broker_cpu: f64,
 }
 
 impl LatencyRun {
@@ -377,13 +389,20 @@ fn latency_run(
     let mut processor = lane.start(false);
     lane.wait_ready(&mut processor);
     let started = Instant::now();
+    let cpu = broker.cpu_seconds();
     lane.replay(file, rate);
     let achieved = events as f64 / started.elapsed().as_secs_f64();
     lane.wait_quiet(events);
+    let broker_cpu = broker.cpu_seconds() - cpu;
     processor.terminate();
     let (mut samples, records) = latencies(broker, &lane);
     samples.sort_by_key(|(produced, _)| *produced);
-    LatencyRun { events, achieved, samples, records }
+    LatencyRun { events, achieved, samples, records, broker_cpu }
+}
+
+/// Partitions of every topic of a deployment: [`PARTITIONS`], or `E2E_PARTITIONS`.
+fn partitions() -> i32 {
+    std::env::var("E2E_PARTITIONS").ok().and_then(|p| p.parse().ok()).unwrap_or(PARTITIONS)
 }
 
 fn write_events(path: &Path, events: &[mindstream::event::Event]) {
@@ -425,7 +444,11 @@ impl Lane {
         std::fs::write(&config, text).expect("write the configuration");
         let log = dir.join(format!("{name}.log"));
         let lane = Lane { config, log, input, signals, http: format!("127.0.0.1:{port}") };
-        let status = lane.command().args(["topics", "--partitions", "4"]).status().expect("topics");
+        let status = lane
+            .command()
+            .args(["topics", "--partitions", &partitions().to_string()])
+            .status()
+            .expect("topics");
         assert!(status.success(), "mindstream topics failed");
         lane
     }
@@ -562,7 +585,7 @@ impl Metrics {
     }
 }
 
-/// One record read back: partition, offset, payload, broker timestamp.
+/// One record read back: partition, offset, payload, timestamp.
 struct Record {
     partition: i32,
     offset: i64,
@@ -579,7 +602,7 @@ fn read_topic(broker: &str, topic: &str) -> Vec<Record> {
         .create()
         .expect("reader");
     let mut list = TopicPartitionList::new();
-    for partition in 0..4 {
+    for partition in 0..partitions() {
         list.add_partition_offset(topic, partition, Offset::Beginning).expect("partition");
     }
     consumer.assign(&list).expect("assign");
