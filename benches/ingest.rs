@@ -18,8 +18,7 @@
 //! times, each copy with its own user ids and shifted ten days later (the slice spans nine), so
 //! every side reads 551,500 records. The allocator keeps freed memory as the processor's does
 //! ([`mindstream::allocator`]). Where the time goes is shown by timing the stages of the
-//! windowed side on the same payloads in
-//! memory. `cargo bench --bench ingest`.
+//! windowed side on the same payloads in memory. `cargo bench --bench ingest`.
 
 mod common;
 
